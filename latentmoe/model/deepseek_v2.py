@@ -167,12 +167,13 @@ class RoutedExperts(nn.Module):
         local = torch.full((n,), -1, dtype=torch.long)
         local[self.expert_ids] = torch.arange(E)
         self.register_buffer("local_index", local, persistent=False)  # global id -> slot, -1 if not here
+        self.moe_impl = fused_moe_ref  # the engine swaps in the Triton kernel on GPUs
 
     def forward(self, h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """Partial sum over the held experts: ``h [T, D]``, global ``topk_ids [T, K]`` -> [T, D]."""
         if not self.expert_ids:
             return torch.zeros_like(h)
-        return fused_moe_ref(h, self.w13, self.w2, self.local_index[topk_ids], topk_weights)
+        return self.moe_impl(h, self.w13, self.w2, self.local_index[topk_ids], topk_weights)
 
 
 class MoE(nn.Module):

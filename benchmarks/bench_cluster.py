@@ -1,0 +1,106 @@
+"""The disaggregated cluster against the single-process engine, on the same requests.
+
+    python benchmarks/bench_cluster.py [--model DIR] [--attention-shards 1] [--expert-shards 2]
+                                       [--num-prompts 16] [--input-len 64] [--output-len 32]
+
+Starts a Ray cluster on this machine (a head, attention nodes and expert nodes, each a
+separate raylet), runs the requests greedily through both engines, checks they give the same
+tokens, and prints generated tokens/s for both, plus the cluster's time per step split into:
+attention compute (attention shard time outside the collectives), expert compute (time in the
+experts on the slowest expert shard), all-to-all (attention time in the collectives, less the
+expert compute it waited for) and control (the router's round trip less the slowest shard).
+Saves everything as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint directory (default: the built-in tiny model)")
+    ap.add_argument("--attention-shards", type=int, default=1)
+    ap.add_argument("--expert-shards", type=int, default=2)
+    ap.add_argument("--num-prompts", type=int, default=16)
+    ap.add_argument("--input-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--out", default="results/bench_cluster.json")
+    args = ap.parse_args()
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from latentmoe import LLM, SamplingParams
+    from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
+    from latentmoe.cli import default_model_dir
+
+    model = args.model or str(default_model_dir())
+    rng = random.Random(0)
+    single = LLM(model=model)
+    vocab = single.engine.model_config.vocab_size
+    prompts = [[rng.randrange(2, vocab) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+
+    def timed(llm):
+        llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        seconds = time.perf_counter() - start
+        tokens = sum(len(o.token_ids) for o in outs)
+        return outs, {"seconds": seconds, "generated_tokens": tokens, "tokens_per_s": tokens / seconds}
+
+    result = {"model": model, **vars(args), "machine": platform.machine(), "cpus": os.cpu_count(),
+              "loadavg_before": os.getloadavg()}
+    single_outs, result["single_process"] = timed(single)
+    print(f"single process: {result['single_process']['tokens_per_s']:.1f} tok/s")
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(args.attention_shards):
+        cluster.add_node(num_cpus=1, resources={ATTENTION_RESOURCE: 1})
+    for _ in range(args.expert_shards):
+        cluster.add_node(num_cpus=1, resources={EXPERT_RESOURCE: 1})
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        llm = LLM(model=model, attention_shards=args.attention_shards, expert_shards=args.expert_shards)
+        llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))
+        before = ray.get(llm.router.counters.remote(), timeout=60)
+        cluster_outs, result["cluster"] = timed(llm)
+        after = ray.get(llm.router.counters.remote(), timeout=60)
+        steps = after["num_steps"] - before["num_steps"]
+        delta = {k: after[k] - before[k] for k in ("step_wall_s", "shard_max_s", "attention_a2a_s",
+                                                   "attention_step_s", "expert_compute_s")}
+        per_step_ms = {
+            "total": 1e3 * delta["step_wall_s"] / steps,
+            "attention_compute": 1e3 * (delta["attention_step_s"] - delta["attention_a2a_s"]) / steps,
+            "expert_compute": 1e3 * delta["expert_compute_s"] / steps,
+            "all_to_all": 1e3 * (delta["attention_a2a_s"] - delta["expert_compute_s"]) / steps,
+            "control": 1e3 * (delta["step_wall_s"] - delta["shard_max_s"]) / steps,
+        }
+        result["cluster"] |= {"steps": steps, "ray_calls_per_step": (after["num_step_calls"] - before[
+            "num_step_calls"]) / steps, "per_step_ms": per_step_ms}
+        result["dispatch"] = llm.dispatch_stats()
+        llm.shutdown()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    same = sum(a.token_ids == b.token_ids for a, b in zip(single_outs, cluster_outs))
+    result["identical_outputs"] = f"{same}/{len(prompts)}"
+    result["ratio_cluster_over_single"] = result["cluster"]["tokens_per_s"] / result["single_process"]["tokens_per_s"]
+    result["loadavg_after"] = os.getloadavg()
+    print(f"cluster A={args.attention_shards} E={args.expert_shards}: {result['cluster']['tokens_per_s']:.1f} tok/s "
+          f"({result['ratio_cluster_over_single']:.2f}x single process; identical outputs {same}/{len(prompts)})")
+    print("per step (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in per_step_ms.items()))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    main()

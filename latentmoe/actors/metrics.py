@@ -1,0 +1,43 @@
+"""The Prometheus metrics, through ``ray.util.metrics`` (Ray exports them from every node's metrics
+port, prefixed ``ray_``). Few labels: per shard, per MoE layer, per devices-reached count; the full
+(layer x expert) counts stay out of Prometheus and are served as JSON (``/v1/expert-load``).
+"""
+
+from __future__ import annotations
+
+from ray.util import metrics
+
+_LATENCY_BOUNDARIES = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60]
+
+
+class ServingMetrics:
+    def __init__(self):
+        self.requests = metrics.Counter(
+            "latentmoe_requests_total", "Requests that ended, by status (stop, length, abort, error, "
+            "overloaded, invalid).", tag_keys=("status",))
+        self.ttft = metrics.Histogram("latentmoe_time_to_first_token_seconds", "Admission to first token.",
+                                      boundaries=_LATENCY_BOUNDARIES)
+        self.itl = metrics.Histogram("latentmoe_inter_token_latency_seconds", "Time between output tokens.",
+                                     boundaries=[0.001, 0.002] + _LATENCY_BOUNDARIES[:9])
+        self.e2e = metrics.Histogram("latentmoe_e2e_request_latency_seconds", "Admission to last token.",
+                                     boundaries=_LATENCY_BOUNDARIES)
+        self.prompt_tokens = metrics.Counter("latentmoe_prompt_tokens_total", "Prompt tokens of finished requests.")
+        self.generation_tokens = metrics.Counter("latentmoe_generation_tokens_total", "Tokens generated.")
+        self.waiting = metrics.Gauge("latentmoe_num_requests_waiting", "Requests queued on attention shards.")
+        self.running = metrics.Gauge("latentmoe_num_requests_running", "Requests running on attention shards.")
+        self.cache_usage = metrics.Gauge("latentmoe_latent_cache_usage_ratio",
+                                         "Used fraction of an attention shard's latent cache blocks.",
+                                         tag_keys=("shard",))
+        self.shard_tokens = metrics.Counter("latentmoe_expert_shard_tokens_total",
+                                            "Tokens dispatched to an expert shard (once per token per layer).",
+                                            tag_keys=("shard",))
+        self.layer_imbalance = metrics.Gauge("latentmoe_expert_imbalance",
+                                             "Max over mean tokens per expert in an MoE layer, last 10 s.",
+                                             tag_keys=("layer",))
+        self.shard_imbalance = metrics.Gauge("latentmoe_expert_shard_imbalance",
+                                             "Max over mean tokens per expert shard, last 10 s.")
+        self.devices = metrics.Counter("latentmoe_tokens_by_devices_total",
+                                       "Token-layer dispatches by the number of expert shards reached.",
+                                       tag_keys=("devices",))
+        self.a2a_bytes = metrics.Counter("latentmoe_all_to_all_bytes_total",
+                                         "Hidden-state bytes sent to and back from expert shards.")

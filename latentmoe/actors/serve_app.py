@@ -1,0 +1,322 @@
+"""The Ray Serve application: one autoscaled ingress deployment, two front doors.
+
+HTTP (OpenAI-compatible, FastAPI) and gRPC (``latentmoe.v1.Generator`` and ``grpc.health.v1``)
+are served by the same replicas; every replica talks to one shared router (a detached, named
+actor: the first replica creates it with its shards, the others get it). The replica is thin:
+wire formats are parsed in ``latentmoe.proto``, requests run in the router.
+
+    serve run latentmoe.actors.serve_app:build_app attention_shards=1 expert_shards=2
+"""
+
+
+import asyncio
+import dataclasses
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import ray
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from ray import serve
+
+from latentmoe.actors.cluster import start_router
+from latentmoe.cluster.engine_config import EngineConfig, reject_unknown_keys
+from latentmoe.cluster.router_state import OverloadedError
+from latentmoe.proto import openai_api as oai
+
+logger = logging.getLogger(__name__)
+
+GRPC_SERVICERS = [
+    "latentmoe.proto.generate_pb2_grpc.add_GeneratorServicer_to_server",
+    "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
+]
+
+
+@dataclass
+class ServeArgs:
+    """The application's arguments (``args:`` in a Serve config file); unknown keys are rejected."""
+
+    model: str | None = None  # checkpoint directory; None: the built-in tiny model
+    served_model_name: str | None = None  # the name clients put in "model" (default: the directory's name)
+    attention_shards: int = 1
+    expert_shards: int = 2
+    engine: dict = dataclasses.field(default_factory=dict)  # EngineConfig fields (dtype, device, block_size, ...)
+    router_name: str = "latentmoe-router"
+    max_num_requests: int = 256  # requests in flight in the engine; more get 503 / RESOURCE_EXHAUSTED
+    max_body_bytes: int = 1 << 20
+    min_replicas: int = 1
+    max_replicas: int = 2
+    target_ongoing_requests: float = 16
+    max_ongoing_requests: int = 64
+    max_queued_requests: int = 64
+    replica_num_cpus: float = 0.25
+    start_timeout_s: float = 300.0
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ServeArgs":
+        reject_unknown_keys(cls, d, "application argument")
+        args = cls(**d)
+        for name in ("attention_shards", "expert_shards", "max_num_requests", "min_replicas", "max_replicas"):
+            value = getattr(args, name)
+            if isinstance(value, str) and value.isdigit():  # `serve run ... attention_shards=2` passes strings
+                setattr(args, name, value := int(value))
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        return args
+
+
+_DASHBOARD = (Path(__file__).parent / "static" / "dashboard.html").read_text()
+
+app = FastAPI(title="latentmoe", description="OpenAI-compatible API for DeepSeek-V2-family MoE models")
+
+
+def _error(e: oai.ApiError) -> JSONResponse:
+    return JSONResponse(e.body(), status_code=e.status)
+
+
+def _engine_error(e: BaseException) -> oai.ApiError:
+    """What the router raised -> the client's error: bad input 400, overload 503, the rest 503 as well."""
+    if isinstance(e, ray.exceptions.RayTaskError):
+        e = e.as_instanceof_cause()
+    if isinstance(e, OverloadedError):
+        return oai.ApiError(503, str(e), code="overloaded")
+    if isinstance(e, (ValueError, TypeError)):
+        message = str(e)
+        param = "prompt" if "prompt" in message or "token id" in message or "context length" in message else None
+        return oai.ApiError(400, message.splitlines()[-1] if "\n" in message else message, param)
+    logger.error("request failed: %r", e)
+    return oai.ApiError(503, f"the engine is unavailable: {e}", code="unavailable")
+
+
+def _set_grpc_error(grpc_context, e: BaseException) -> None:
+    if isinstance(e, ray.exceptions.RayTaskError):
+        e = e.as_instanceof_cause()
+    if isinstance(e, OverloadedError):
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    elif isinstance(e, (ValueError, TypeError)):
+        code = grpc.StatusCode.INVALID_ARGUMENT
+    else:
+        code = grpc.StatusCode.UNAVAILABLE
+    grpc_context.set_code(code)
+    grpc_context.set_details(str(e).splitlines()[-1] if str(e) else type(e).__name__)
+
+
+@serve.deployment
+@serve.ingress(app)
+class LatentMoEServer:
+    def __init__(self, args: dict):
+        self.args = ServeArgs.from_dict(args)
+        model = self.args.model
+        if model is None:
+            from latentmoe.cli import default_model_dir
+
+            model = str(default_model_dir())
+        config = EngineConfig.from_dict({"model": model, **self.args.engine})
+        self.model_name = self.args.served_model_name or model.rstrip("/").split("/")[-1]
+        self.router, self.info = start_router(
+            dataclasses.asdict(config), self.args.attention_shards, self.args.expert_shards,
+            timeout_s=self.args.start_timeout_s, max_num_requests=self.args.max_num_requests,
+            name=self.args.router_name)
+        from latentmoe.model.tokenizer import Tokenizer
+
+        try:
+            self.tokenizer = Tokenizer.from_dir(model)
+        except FileNotFoundError:
+            self.tokenizer = None
+        self.max_model_len = self.info["max_model_len"]
+        self.created = int(time.time())
+
+    # ---- the engine, for both doors ---------------------------------------------------------------------------
+
+    async def _stream(self, prompt, params, request_id: str):
+        """The router's outputs for one request; aborts it if the caller goes away before the end."""
+        gen = self.router.generate.options(num_returns="streaming").remote(prompt, params, request_id)
+        finished = False
+        try:
+            async for ref in gen:
+                out = await ref
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self.router.abort.remote(request_id)
+
+    async def _first_and_rest(self, prompt, params, request_id: str):
+        """Start a request and wait for its first output, so that errors surface before a stream starts."""
+        stream = self._stream(prompt, params, request_id)
+        try:
+            first = await stream.__anext__()
+        except BaseException:
+            await stream.aclose()
+            raise
+        return first, stream
+
+    def _check_model(self, model: str) -> None:
+        if model != self.model_name:
+            raise oai.ApiError(404, f"model {model!r} does not exist; this server serves {self.model_name!r}",
+                               "model", "model_not_found")
+
+    # ---- HTTP -------------------------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health(self):
+        counters = await self.router.counters.remote()
+        return {"status": "ok", "live_requests": counters["num_live_requests"]}
+
+    @app.get("/v1/models")
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
+                                            "owned_by": "latentmoe", "max_model_len": self.max_model_len}]}
+
+    @app.get("/v1/cache")
+    async def cache(self):
+        return await self.router.cache_stats.remote()
+
+    @app.get("/v1/expert-load")
+    async def expert_load(self, window_s: str = "60"):
+        """Tokens per (MoE layer, expert), per expert shard, devices per token, over the last window_s seconds."""
+        try:
+            window = float(window_s)
+            return await self.router.expert_load.remote(window)
+        except ValueError:
+            return _error(oai.bad_request(f"window_s must be a number in (0, 3600], got {window_s!r}", "window_s"))
+        except ray.exceptions.RayTaskError as e:
+            return _error(_engine_error(e))
+
+    @app.get("/dashboard", response_class=HTMLResponse)
+    async def dashboard(self):
+        return HTMLResponse(_DASHBOARD)
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request):
+        return await self._openai(request, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        return await self._openai(request, chat=True)
+
+    async def _openai(self, request: Request, chat: bool):
+        try:
+            body = oai.decode_body(await request.body(), self.args.max_body_bytes)
+            req = oai.parse_chat(body, self.tokenizer, self.max_model_len) if chat else oai.parse_completion(body)
+            self._check_model(req.model)
+            try:
+                first, stream = await self._first_and_rest(req.prompt, req.params, req.request_id)
+            except Exception as e:
+                raise _engine_error(e) from None
+        except oai.ApiError as e:
+            return _error(e)
+        created = int(time.time())
+        if not req.stream:
+            out = first
+            async for out in stream:
+                pass
+            return (oai.chat_response if chat else oai.completion_response)(req, out, created)
+
+        async def events():
+            out, is_first = first, True
+            try:
+                while True:
+                    if out.delta_text or out.finished or (chat and is_first):
+                        chunk = (oai.chat_chunk(req, out, created, is_first) if chat
+                                 else oai.completion_chunk(req, out, created))
+                        yield oai.sse(chunk)
+                        is_first = False
+                    if out.finished:
+                        break
+                    out = await stream.__anext__()
+                if req.include_usage:
+                    yield oai.sse(oai.usage_chunk(req, out, created, chat))
+                yield oai.sse("[DONE]")
+            except Exception as e:  # the engine failed mid-stream: say so in the stream, then end it
+                yield oai.sse(_engine_error(e).body())
+            finally:
+                await stream.aclose()
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    # ---- gRPC: latentmoe.v1.Generator ---------------------------------------------------------------------------
+
+    async def _grpc_start(self, request, grpc_context):
+        from latentmoe.proto.convert import request_from_proto
+
+        try:
+            prompt, params, request_id, model = request_from_proto(request)
+            if model and model != self.model_name:
+                raise ValueError(f"model: {model!r} does not exist; this server serves {self.model_name!r}")
+            request_id = request_id or f"grpc-{uuid.uuid4().hex}"
+            return (request_id, *await self._first_and_rest(prompt, params, request_id))
+        except Exception as e:
+            _set_grpc_error(grpc_context, e)
+            raise
+
+    async def Generate(self, request, grpc_context):  # noqa: N802 (gRPC method name)
+        """The whole completion in one response."""
+        from latentmoe.proto.convert import output_to_proto
+
+        _, out, stream = await self._grpc_start(request, grpc_context)
+        try:
+            async for out in stream:
+                pass
+        except Exception as e:
+            _set_grpc_error(grpc_context, e)
+            raise
+        return output_to_proto(out, delta=False)
+
+    async def GenerateStream(self, request, grpc_context):  # noqa: N802
+        """One response per step that produced text or tokens; the last has ``finished`` and usage."""
+        from latentmoe.proto.convert import output_to_proto
+
+        _, out, stream = await self._grpc_start(request, grpc_context)
+        try:
+            yield output_to_proto(out, delta=True)
+            async for out in stream:
+                yield output_to_proto(out, delta=True)
+        except Exception as e:
+            _set_grpc_error(grpc_context, e)
+            raise
+        finally:
+            await stream.aclose()
+
+    async def GetExpertLoad(self, request, grpc_context):  # noqa: N802
+        from latentmoe.proto.convert import expert_load_to_proto
+
+        try:
+            return expert_load_to_proto(await self.router.expert_load.remote(request.window_s or 60.0))
+        except Exception as e:
+            _set_grpc_error(grpc_context, e)
+            raise
+
+    # ---- gRPC: grpc.health.v1.Health ----------------------------------------------------------------------------
+
+    async def Check(self, request):  # noqa: N802
+        from grpc_health.v1 import health_pb2
+
+        status = health_pb2.HealthCheckResponse.SERVING
+        try:
+            await asyncio.wait_for(self.router.counters.remote(), 10)
+        except Exception:
+            status = health_pb2.HealthCheckResponse.NOT_SERVING
+        return health_pb2.HealthCheckResponse(status=status)
+
+    async def Watch(self, request):  # noqa: N802
+        while True:
+            yield await self.Check(request)
+            await asyncio.sleep(5)
+
+
+def build_app(args: dict[str, Any] | None = None) -> serve.Application:
+    """The application for ``serve run`` / ``serve deploy`` / ``serveConfigV2``."""
+    parsed = ServeArgs.from_dict(dict(args or {}))
+    return LatentMoEServer.options(
+        autoscaling_config={"min_replicas": parsed.min_replicas, "max_replicas": parsed.max_replicas,
+                            "target_ongoing_requests": parsed.target_ongoing_requests},
+        max_ongoing_requests=parsed.max_ongoing_requests,
+        max_queued_requests=parsed.max_queued_requests,
+        ray_actor_options={"num_cpus": parsed.replica_num_cpus},
+    ).bind(dict(args or {}))

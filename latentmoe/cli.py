@@ -1,0 +1,217 @@
+"""The ``latentmoe`` command: one CLI, subcommands (Typer)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(help="latentmoe: serve DeepSeek-V2-family MoE models on Ray.", no_args_is_help=True,
+                  add_completion=False, pretty_exceptions_enable=False)
+
+
+def default_model_dir(seed: int = 0) -> Path:
+    """The built-in tiny model, written on first use under ``$LATENTMOE_CACHE`` (default ~/.cache/latentmoe)."""
+    from latentmoe.model.tiny import make_tiny
+
+    root = Path(os.environ.get("LATENTMOE_CACHE", Path.home() / ".cache" / "latentmoe"))
+    path = root / f"tiny-seed{seed}"
+    if not (path / "config.json").exists() or not (path / "tokenizer.json").exists():
+        tmp = root / f".tiny-seed{seed}.{os.getpid()}"
+        make_tiny(tmp, seed=seed)
+        tmp.rename(path) if not path.exists() else None
+    return path
+
+
+@app.command("make-tiny")
+def make_tiny_cmd(
+    out_dir: Path = typer.Argument(..., help="Directory to write the checkpoint to."),
+    seed: int = typer.Option(0, help="Random seed: the same seed writes the same bytes."),
+    config: Optional[str] = typer.Option(
+        None, help="'deepseek-v2', 'deepseek-v2-lite' or a config.json path (random weights of that shape)."),
+    dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
+    max_shard_size: Optional[int] = typer.Option(None, help="Shard the safetensors at this many bytes."),
+):
+    """Write a random-weight DeepSeek-V2-architecture checkpoint in the Hugging Face format."""
+    from latentmoe.model.loader import resolve_dtype
+    from latentmoe.model.tiny import make_tiny, published_config
+
+    cfg = None
+    if config is not None:
+        cfg = json.loads(Path(config).read_text()) if Path(config).exists() else published_config(config)
+    make_tiny(out_dir, seed=seed, config=cfg, dtype=resolve_dtype(dtype), max_shard_bytes=max_shard_size)
+    typer.echo(f"wrote {out_dir}")
+
+
+@app.command()
+def info(model: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: the built-in tiny model).")):
+    """Print a checkpoint's architecture and its latent-cache size per token."""
+    from latentmoe.model.config import ModelConfig
+
+    cfg = ModelConfig.from_json(model or default_model_dir())
+    layers = cfg.num_hidden_layers
+    typer.echo(json.dumps({
+        "layers": layers, "moe_layers": len(cfg.moe_layers), "hidden_size": cfg.hidden_size,
+        "heads": cfg.num_attention_heads, "q_lora_rank": cfg.q_lora_rank, "kv_lora_rank": cfg.kv_lora_rank,
+        "routed_experts": cfg.n_routed_experts, "experts_per_token": cfg.num_experts_per_tok,
+        "topk_method": cfg.topk_method, "n_group": cfg.n_group, "topk_group": cfg.topk_group,
+        "latent_values_per_token_per_layer": cfg.latent_dim,
+        "mha_values_per_token_per_layer": cfg.mha_cache_values_per_token(),
+        "latent_cache_bytes_per_token_bf16": cfg.latent_dim * layers * 2,
+        "mha_over_latent": round(cfg.mha_cache_values_per_token() / cfg.latent_dim, 2),
+    }, indent=2))
+
+
+@app.command()
+def generate(
+    prompt: list[str] = typer.Option(["The experts of a mixture"], help="Prompt text (repeat for a batch)."),
+    model: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: the built-in tiny model)."),
+    max_tokens: int = typer.Option(32, help="Tokens to generate per prompt."),
+    temperature: float = typer.Option(0.0, help="0 is greedy."),
+    top_p: float = typer.Option(1.0),
+    top_k: int = typer.Option(0),
+    seed: Optional[int] = typer.Option(None),
+    dtype: str = typer.Option("float32"),
+    attention_shards: Optional[int] = typer.Option(
+        None, help="Run disaggregated on the Ray cluster: this many attention shards (default: one process)."),
+    expert_shards: Optional[int] = typer.Option(None, help="... and this many expert shards."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster address (default: the one on this machine)."),
+):
+    """Generate from prompts and print the completions (single process, or attention and expert shards on Ray)."""
+    import time
+
+    from latentmoe.cluster.sampling_params import SamplingParams
+    from latentmoe.llm import LLM
+
+    llm = LLM(model=str(model) if model else None, dtype=dtype, attention_shards=attention_shards,
+              expert_shards=expert_shards, ray_address=ray_address)
+    try:
+        if llm.router is not None:
+            info = llm.shard_info
+            for role in ("attention", "expert"):
+                for shard in info[role]:
+                    typer.echo(f"{role} shard {shard['index']}: node {shard['node_id'][:12]} pid {shard['pid']}",
+                               err=True)
+        params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
+        start = time.perf_counter()
+        outs = llm.generate(list(prompt), params)
+        elapsed = time.perf_counter() - start
+        for p, out in zip(prompt, outs):
+            typer.echo(json.dumps({"prompt": p, "text": out.text, "token_ids": out.token_ids,
+                                   "finish_reason": out.finish_reason}, ensure_ascii=False))
+        n = sum(len(o.token_ids) for o in outs)
+        typer.echo(f"{n} tokens in {elapsed:.3f} s; cache: {json.dumps(llm.cache_stats())}", err=True)
+        if llm.router is not None:
+            stats = llm.dispatch_stats()
+            typer.echo(f"expert shards reached per token (histogram): {stats['devices_histogram']}; "
+                       f"tokens per expert shard: {stats['tokens_per_shard']}; all-to-all bytes: "
+                       f"{stats['a2a_bytes']} (ideal {stats['ideal_bytes']})", err=True)
+    finally:
+        llm.shutdown()
+
+
+@app.command()
+def serve(
+    model: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: the built-in tiny model)."),
+    attention_shards: int = typer.Option(1, help="Attention shards (data-parallel, each with its latent cache)."),
+    expert_shards: int = typer.Option(2, help="Expert shards (each a slice of the routed experts)."),
+    http_port: int = typer.Option(8000, help="OpenAI-compatible HTTP API."),
+    grpc_port: int = typer.Option(9000, help="gRPC latentmoe.v1.Generator and grpc.health.v1."),
+    host: str = typer.Option("127.0.0.1", help="Where HTTP listens; 0.0.0.0 exposes it to the network."),
+    dtype: str = typer.Option("float32"),
+    device: str = typer.Option("cpu", help="cpu, or cuda (one GPU per shard)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster (default: the one on this machine; with "
+                                              "none running, a local multi-node cluster is started and stopped)."),
+    max_replicas: int = typer.Option(2, help="Autoscaling: most ingress replicas."),
+):
+    """Serve the OpenAI HTTP API and the gRPC Generate service from a disaggregated cluster (Ray Serve)."""
+    import signal
+    import threading
+
+    import ray
+    from ray import serve as ray_serve
+    from ray.serve.config import gRPCOptions
+
+    from latentmoe.actors.cluster import ROUTER_NAMESPACE
+    from latentmoe.actors.local_cluster import start_local_cluster, stop_local_cluster
+    from latentmoe.actors.serve_app import GRPC_SERVICERS, build_app
+
+    started_cluster = False
+    if ray_address is None:
+        try:
+            ray.init(address="auto", log_to_driver=False)
+        except ConnectionError:
+            start_local_cluster(attention_nodes=1, expert_nodes=max(1, (expert_shards + 1) // 2),
+                                shards_per_node=max(attention_shards, 2), echo=lambda m: typer.echo(m, err=True))
+            started_cluster = True
+            ray.init(address="auto", log_to_driver=False)
+    else:
+        ray.init(address=ray_address, log_to_driver=False)
+    args = {"model": str(model) if model else None, "attention_shards": attention_shards,
+            "expert_shards": expert_shards, "engine": {"dtype": dtype, "device": device},
+            "max_replicas": max_replicas}
+    stop = threading.Event()
+    try:
+        ray_serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": http_port},
+                        grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
+        ray_serve.run(build_app(args), name="latentmoe", route_prefix="/")
+        typer.echo(f"serving: http://{host}:{http_port}/v1 (OpenAI API), grpc {host}:{grpc_port} "
+                   "(latentmoe.v1.Generator); Ctrl-C stops", err=True)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+    finally:
+        try:
+            ray_serve.shutdown()
+            router = ray.get_actor("latentmoe-router", namespace=ROUTER_NAMESPACE)
+            ray.get(router.shutdown.remote(), timeout=60)
+            ray.kill(router)
+        except Exception as e:  # noqa: BLE001 (best effort on the way out)
+            typer.echo(f"shutdown: {e!r}", err=True)
+        ray.shutdown()
+        if started_cluster:
+            stop_local_cluster(echo=lambda m: typer.echo(m, err=True))
+
+
+from latentmoe.loadtest.cli import loadtest  # noqa: E402 (imports its pieces lazily)
+
+app.command("loadtest")(loadtest)
+
+cluster_app = typer.Typer(help="A local multi-node Ray cluster on this machine (attention and expert nodes).",
+                          no_args_is_help=True)
+app.add_typer(cluster_app, name="cluster")
+
+
+@cluster_app.command("start")
+def cluster_start(
+    attention_nodes: int = typer.Option(1, help="Worker nodes advertising attention_node."),
+    expert_nodes: int = typer.Option(2, help="Worker nodes advertising expert_node."),
+    shards_per_node: int = typer.Option(2, help="Shards each worker node can hold (its role resource)."),
+    cpus_per_node: int = typer.Option(2, help="Logical CPUs each worker node advertises."),
+    port: int = typer.Option(6379, help="The head node's GCS port."),
+):
+    """Start a Ray head and worker nodes on this machine, each worker advertising its role."""
+    from latentmoe.actors.local_cluster import start_local_cluster
+
+    address = start_local_cluster(attention_nodes, expert_nodes, shards_per_node=shards_per_node,
+                                  cpus_per_node=cpus_per_node, port=port, echo=lambda m: typer.echo(m, err=True))
+    typer.echo(address)
+
+
+@cluster_app.command("stop")
+def cluster_stop():
+    """Stop every Ray node on this machine."""
+    from latentmoe.actors.local_cluster import stop_local_cluster
+
+    stop_local_cluster()
+
+
+def main() -> None:  # pragma: no cover
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

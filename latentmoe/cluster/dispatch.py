@@ -1,0 +1,175 @@
+"""Dispatch and combine of routed-expert work over a communicator, once per MoE layer.
+
+Attention side: after the gate's device-limited top-k, each token is sent **once per
+destination expert shard**, with its k expert slots on that shard (``-1`` for slots
+that live elsewhere) and their weights. Split sizes go first (a small all-to-all of
+counts), then hidden states and routing metadata (all-to-all with uneven splits). The
+expert shard runs its experts grouped by expert and returns one weighted partial sum
+per received token, which the attention side adds up.
+
+Per MoE layer, three collectives: the counts, the rows (hidden states and routing metadata
+packed into one byte tensor) and the partial sums back.
+
+Every rank calls the same collectives in the same order, with empty splits when it
+has nothing to send, so the group stays in lockstep.
+
+Legend: T tokens on this attention shard, K experts per token, S expert shards,
+W world size, M rows sent (Σ over tokens of distinct shards reached), D hidden.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from latentmoe.cluster.communicator import Communicator
+from latentmoe.cluster.placement import ExpertPlacement
+
+
+@dataclass
+class DispatchPlan:
+    send_counts: list[int]  # [S] rows for each expert shard
+    token_index: torch.Tensor  # [M] token of each row, rows grouped by destination
+    slot_ids: torch.Tensor  # [M, K] expert slot on the destination, -1 if not there
+    weights: torch.Tensor  # [M, K] float32
+    devices_per_token: torch.Tensor  # [T] distinct shards each token reaches
+
+
+def plan_dispatch(topk_ids: torch.Tensor, topk_weights: torch.Tensor, shard_of_expert: torch.Tensor,
+                  slot_of_expert: torch.Tensor, num_shards: int) -> DispatchPlan:
+    T, K = topk_ids.shape
+    dest = shard_of_expert[topk_ids]  # [T, K]
+    reach = torch.zeros(T, num_shards, dtype=torch.bool, device=topk_ids.device)
+    reach.scatter_(1, dest, True)  # [T, S]
+    slots = slot_of_expert[topk_ids]  # [T, K]
+    index, slot_rows, weight_rows, counts = [], [], [], []
+    for s in range(num_shards):
+        tokens = reach[:, s].nonzero().flatten()  # [M_s]
+        here = dest[tokens] == s  # [M_s, K]
+        index.append(tokens)
+        slot_rows.append(torch.where(here, slots[tokens], -1))
+        weight_rows.append(topk_weights[tokens].float())
+        counts.append(len(tokens))
+    return DispatchPlan(counts, torch.cat(index), torch.cat(slot_rows), torch.cat(weight_rows), reach.sum(1))
+
+
+@dataclass
+class DispatchStats:
+    """Expert-load statistics gathered on an attention shard; plain numbers, summed across shards."""
+
+    num_experts: int
+    num_shards: int
+    max_k: int
+    tokens_per_expert: dict[int, list[int]] = field(default_factory=dict)  # layer -> [E]
+    tokens_per_shard: list[int] = field(default_factory=list)  # [S], rows sent (token, shard) pairs
+    devices_histogram: list[int] = field(default_factory=list)  # [max_k + 1]: tokens reaching n shards
+    a2a_bytes: int = 0  # hidden states sent and received back (dispatch + combine)
+    a2a_meta_bytes: int = 0  # expert slots and weights, and the split sizes
+    ideal_bytes: int = 0  # each token once per distinct destination shard, there and back
+
+    def __post_init__(self):
+        self.tokens_per_shard = self.tokens_per_shard or [0] * self.num_shards
+        self.devices_histogram = self.devices_histogram or [0] * (self.max_k + 1)
+
+    def record(self, layer: int, topk_ids: torch.Tensor, plan: DispatchPlan, hidden_bytes_per_token: int) -> None:
+        counts = torch.bincount(topk_ids.flatten(), minlength=self.num_experts).tolist()
+        row = self.tokens_per_expert.setdefault(layer, [0] * self.num_experts)
+        self.tokens_per_expert[layer] = [a + b for a, b in zip(row, counts)]
+        self.tokens_per_shard = [a + b for a, b in zip(self.tokens_per_shard, plan.send_counts)]
+        hist = torch.bincount(plan.devices_per_token, minlength=self.max_k + 1).tolist()
+        self.devices_histogram = [a + b for a, b in zip(self.devices_histogram, hist)]
+        self.ideal_bytes += int(plan.devices_per_token.sum()) * hidden_bytes_per_token * 2
+
+    def merge(self, other: "DispatchStats") -> None:
+        for layer, row in other.tokens_per_expert.items():
+            mine = self.tokens_per_expert.setdefault(layer, [0] * self.num_experts)
+            self.tokens_per_expert[layer] = [a + b for a, b in zip(mine, row)]
+        self.tokens_per_shard = [a + b for a, b in zip(self.tokens_per_shard, other.tokens_per_shard)]
+        self.devices_histogram = [a + b for a, b in zip(self.devices_histogram, other.devices_histogram)]
+        self.a2a_bytes += other.a2a_bytes
+        self.a2a_meta_bytes += other.a2a_meta_bytes
+        self.ideal_bytes += other.ideal_bytes
+
+    @classmethod
+    def from_dict(cls, d: dict, num_experts: int, num_shards: int, max_k: int) -> "DispatchStats":
+        stats = cls(num_experts, num_shards, max_k)
+        if d:
+            stats.tokens_per_expert = {int(k): list(v) for k, v in d["tokens_per_expert"].items()}
+            stats.tokens_per_shard, stats.devices_histogram = list(d["tokens_per_shard"]), list(d["devices_histogram"])
+            stats.a2a_bytes, stats.a2a_meta_bytes, stats.ideal_bytes = d["a2a_bytes"], d["a2a_meta_bytes"], d["ideal_bytes"]
+        return stats
+
+    def as_dict(self) -> dict:
+        return {
+            "tokens_per_expert": {str(k): v for k, v in sorted(self.tokens_per_expert.items())},
+            "tokens_per_shard": self.tokens_per_shard, "devices_histogram": self.devices_histogram,
+            "a2a_bytes": self.a2a_bytes, "a2a_meta_bytes": self.a2a_meta_bytes, "ideal_bytes": self.ideal_bytes,
+        }
+
+
+def pack_rows(hidden: torch.Tensor, meta: torch.Tensor) -> torch.Tensor:
+    """``hidden [M, D]`` (any dtype) and ``meta [M, 2K]`` float32 as one byte tensor ``[M, D*size + 8K]``,
+    so one all-to-all carries both."""
+    return torch.cat([hidden.contiguous().view(torch.uint8), meta.contiguous().view(torch.uint8)], dim=1)
+
+
+def unpack_rows(payload: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    split = hidden_size * dtype.itemsize
+    return payload[:, :split].contiguous().view(dtype), payload[:, split:].contiguous().view(torch.float32)
+
+
+class AttentionDispatcher:
+    """The attention side of the exchange; ``routed(layer, h, ids, weights)`` is the model's ``routed_fn``."""
+
+    def __init__(self, comm: Communicator, placement: ExpertPlacement, expert_ranks: list[int], max_k: int,
+                 num_experts: int):
+        self.comm, self.placement, self.expert_ranks = comm, placement, expert_ranks
+        self.shard_of_expert, self.slot_of_expert = placement.tensors()
+        self.stats = DispatchStats(num_experts, placement.num_shards, max_k)
+        self.a2a_seconds = 0.0  # time spent in the collectives (waiting for the expert shards included)
+
+    def routed(self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        plan = plan_dispatch(topk_ids, topk_weights, self.shard_of_expert, self.slot_of_expert,
+                             self.placement.num_shards)
+        W = self.comm.world_size
+        send_counts = [0] * W
+        for shard, rank in enumerate(self.expert_ranks):
+            send_counts[rank] = plan.send_counts[shard]
+        start = time.perf_counter()
+        recv_counts = self.comm.exchange_counts(send_counts)
+        assert sum(recv_counts) == 0, f"an attention shard received tokens: {recv_counts}"
+        hidden = h[plan.token_index]  # [M, D]
+        meta = torch.cat([plan.slot_ids.float(), plan.weights], dim=1)  # [M, 2K] (slot ids are exact in float32)
+        self.comm.all_to_all(pack_rows(hidden, meta), send_counts, recv_counts)
+        partial = self.comm.all_to_all(torch.empty(0, h.shape[1], dtype=h.dtype, device=h.device),
+                                       recv_counts, send_counts)  # [M, D], same order as sent
+        self.a2a_seconds += time.perf_counter() - start
+        routed = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        routed.index_add_(0, plan.token_index, partial.float())
+        row_bytes = h.shape[1] * h.element_size()
+        self.stats.record(layer, topk_ids, plan, row_bytes)
+        self.stats.a2a_bytes += hidden.numel() * hidden.element_size() + partial.numel() * partial.element_size()
+        self.stats.a2a_meta_bytes += meta.numel() * meta.element_size() + 8 * W
+        return routed.to(h.dtype)
+
+
+def expert_exchange(comm: Communicator, experts, hidden_size: int, k: int, dtype: torch.dtype,
+                    device: torch.device | str = "cpu") -> tuple[int, float]:
+    """The expert side of one MoE layer: receive rows, run ``experts`` (a ``RoutedExperts``), send sums back.
+
+    Returns the number of rows processed and the seconds spent in the experts.
+    """
+    W = comm.world_size
+    recv_counts = comm.exchange_counts([0] * W)
+    zeros = [0] * W
+    row_bytes = hidden_size * dtype.itemsize + 2 * k * 4
+    payload = comm.all_to_all(torch.empty(0, row_bytes, dtype=torch.uint8, device=device), zeros, recv_counts)
+    hidden, meta = unpack_rows(payload, hidden_size, dtype)
+    slot_ids, weights = meta[:, :k].long(), meta[:, k:]
+    start = time.perf_counter()
+    out = experts.moe_impl(hidden, experts.w13, experts.w2, slot_ids, weights) if len(hidden) else hidden
+    compute = time.perf_counter() - start
+    comm.all_to_all(out.to(dtype), recv_counts, zeros)
+    return len(hidden), compute

@@ -1,0 +1,60 @@
+"""The serving configuration: one dataclass, validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class EngineConfig:
+    model: str  # checkpoint directory
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "cpu"
+    # latent cache: explicit num_blocks, else cache_bytes, else a fraction of available memory
+    block_size: int = 64
+    num_blocks: int | None = None
+    cache_bytes: int | None = None
+    cache_memory_fraction: float | None = None  # default: 0.9 on CUDA (of free memory), 0.05 on CPU
+    # scheduler
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None  # default: the model's max_position_embeddings
+    # kernels: "auto" (Triton on CUDA, torch on CPU), "triton", "torch"
+    kernels: str = "auto"
+    prefill_mla: str = "naive"  # "naive" (materialised K/V) or "absorbed"
+    seed: int = 0  # for unseeded sampled requests
+
+    def __post_init__(self):
+        for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+            _positive_int(name, getattr(self, name))
+        for name in ("num_blocks", "cache_bytes", "max_model_len"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if self.cache_memory_fraction is not None and not 0 < self.cache_memory_fraction <= 1:
+            raise ValueError(f"cache_memory_fraction must be in (0, 1], got {self.cache_memory_fraction}")
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.kernels not in ("auto", "triton", "torch"):
+            raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}")
+        if self.prefill_mla not in ("naive", "absorbed"):
+            raise ValueError(f"prefill_mla must be 'naive' or 'absorbed', got {self.prefill_mla!r}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "EngineConfig":
+        reject_unknown_keys(cls, d, "engine setting")
+        return cls(**d)
+
+
+def reject_unknown_keys(cls, d: dict[str, Any], what: str) -> None:
+    """``ValueError`` naming the keys of ``d`` that are not fields of the dataclass ``cls``."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {what}(s) {unknown}; known: {sorted(names)}")
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")

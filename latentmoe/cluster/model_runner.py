@@ -1,0 +1,110 @@
+"""Runs one scheduled step of the model over the paged latent cache.
+
+A step is a flat list of tokens from several sequences (no padding): chunks of
+prefill and single decode tokens. Every token's latents are written to the cache
+first; decode tokens then attend in latent space through the block tables
+(``mla_decode``), prefill chunks attend over their sequence's cached latents
+(naive or absorbed MLA). Only the rows that sample go through the final norm and
+``lm_head``.
+
+Legend: T tokens in the step, Bd decode rows, H heads, R kv_lora_rank, P rope dims.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from latentmoe.cluster.latent_cache import LatentCache
+from latentmoe.model.deepseek_v2 import DeepseekV2ForCausalLM, RoutedFn
+
+
+@dataclass
+class StepInputs:
+    """Tensors of one step, built from the scheduler's chunks."""
+
+    token_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    slots: torch.Tensor  # [T] flat cache slots
+    decode_rows: torch.Tensor  # [Bd] row of each decode token in the step
+    decode_block_tables: torch.Tensor  # [Bd, max_blocks] int32
+    decode_seq_lens: torch.Tensor  # [Bd] int32 (tokens in cache incl. the new one)
+    prefill: list[tuple[int, int, int, list[int]]]  # (first row, num tokens, start position, block table)
+    sample_rows: torch.Tensor  # [N] rows whose logits are sampled
+
+
+def build_inputs(chunks, block_size: int, device: torch.device) -> StepInputs:
+    token_ids, positions, slots, sample_rows = [], [], [], []
+    decode_rows, decode_tables, decode_lens, prefill = [], [], [], []
+    for chunk in chunks:
+        seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
+        row = len(token_ids)
+        token_ids += seq.all_token_ids[start : start + n]
+        positions += range(start, start + n)
+        table = seq.block_table
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(start, start + n)]
+        if n == 1 and start > 0:
+            decode_rows.append(row)
+            decode_tables.append(table)
+            decode_lens.append(start + 1)
+        else:
+            prefill.append((row, n, start, table))
+        if chunk.sample:
+            sample_rows.append(row + n - 1)
+    width = max((len(t) for t in decode_tables), default=0)
+    padded = [t + [0] * (width - len(t)) for t in decode_tables]
+
+    def tensor(values, dtype=torch.long):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    return StepInputs(
+        token_ids=tensor(token_ids), positions=tensor(positions), slots=tensor(slots),
+        decode_rows=tensor(decode_rows), decode_block_tables=tensor(padded, torch.int32).view(len(padded), width),
+        decode_seq_lens=tensor(decode_lens, torch.int32), prefill=prefill, sample_rows=tensor(sample_rows),
+    )
+
+
+class ModelRunner:
+    """Holds the model (or its attention side) and the latent cache of one engine or attention shard."""
+
+    def __init__(self, model: DeepseekV2ForCausalLM, cache: LatentCache, *, prefill_absorbed: bool = False,
+                 use_triton: bool = False):
+        self.model, self.cache = model, cache
+        self.config = model.config
+        self.prefill_absorbed = prefill_absorbed
+        self.device = cache.kv.device
+        from latentmoe.kernels import fused_moe, mla_decode
+
+        self.mla_decode = mla_decode.mla_decode if use_triton else mla_decode.mla_decode_ref
+        for layer in model.model.layers:
+            if layer.is_moe:
+                layer.mlp.experts.moe_impl = fused_moe.fused_moe if use_triton else fused_moe.fused_moe_ref
+
+    @torch.no_grad()
+    def execute(self, chunks, routed_fn: RoutedFn | None = None) -> torch.Tensor:
+        """Run the chunks; returns float32 logits ``[N, vocab]`` for the chunks that sample, in order."""
+        inputs = build_inputs(chunks, self.cache.block_size, self.device)
+        model = self.model
+        cos, sin = model.rotary(inputs.positions)  # [T, P/2]
+        x = model.model.embed_tokens(inputs.token_ids)  # [T, D]
+        for layer in model.model.layers:
+            attn = layer.self_attn
+            q_nope, q_pe, c_kv, k_pe = attn.project(layer.input_layernorm(x), cos, sin)
+            self.cache.write(layer.layer_idx, inputs.slots, c_kv, k_pe)
+            out = torch.empty_like(x)
+            if len(inputs.decode_rows):
+                rows = inputs.decode_rows
+                o_latent = self.mla_decode(
+                    attn.absorb_query(q_nope[rows]), q_pe[rows], self.cache.kv[layer.layer_idx],
+                    inputs.decode_block_tables, inputs.decode_seq_lens, attn.softmax_scale)  # [Bd, H, R]
+                out[rows] = attn.output_from_latent(o_latent)
+            for row, n, start, table in inputs.prefill:
+                cached_c_kv, cached_k_pe = self.cache.gather(layer.layer_idx, table, start + n)
+                # query i (position start+i) sees keys 0..start+i
+                mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(diagonal=start)
+                attend = attn.attend_absorbed if self.prefill_absorbed else attn.attend_naive
+                out[row : row + n] = attend(q_nope[row : row + n], q_pe[row : row + n], cached_c_kv, cached_k_pe, mask)
+            x = layer.ffn(x + out, routed_fn)
+        h = model.model.norm(x[inputs.sample_rows])
+        return model.lm_head(h).float()

@@ -1,0 +1,409 @@
+"""The Serve application for real: a multi-node Ray cluster, Ray Serve, the official `openai` client and grpcio.
+
+Expected outputs come from the single-process engine (`LLM.generate`) on the same checkpoint.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import time
+from pathlib import Path
+
+import grpc
+import httpx2 as httpx  # the HTTP client the openai package itself uses
+import openai
+import pytest
+import ray
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from ray import serve
+from ray.cluster_utils import Cluster
+from ray.serve.config import gRPCOptions
+
+from latentmoe import LLM, SamplingParams
+from latentmoe.actors.cluster import ROUTER_NAMESPACE
+from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
+from latentmoe.actors.serve_app import GRPC_SERVICERS, build_app
+from latentmoe.cluster.communicator import free_port
+from latentmoe.proto import generate_pb2 as pb
+from latentmoe.proto import generate_pb2_grpc
+from latentmoe.proto.convert import request_to_proto
+from tests.prometheus import metric, scrape, settled_scrape
+
+ROOT = Path(__file__).resolve().parents[2]
+MAX_NUM_REQUESTS = 4
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    metrics_ports = [free_port() for _ in range(3)]  # the router runs wherever its replica runs: scrape every node
+    c = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "metrics_export_port": metrics_ports[0],
+        "_system_config": {"metrics_report_interval_ms": 1000}})
+    c.add_node(num_cpus=1, resources={ATTENTION_RESOURCE: 1}, metrics_export_port=metrics_ports[1])
+    c.add_node(num_cpus=2, resources={EXPERT_RESOURCE: 2}, metrics_export_port=metrics_ports[2])
+    ray.init(address=c.address, log_to_driver=False)
+    http_port, grpc_port = free_port(), free_port()
+    try:
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port},
+                    grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
+        serve.run(build_app({"model": str(tiny_dir), "served_model_name": "tiny", "attention_shards": 1,
+                             "expert_shards": 2, "engine": {"block_size": 16, "num_blocks": 128},
+                             "max_num_requests": MAX_NUM_REQUESTS, "max_ongoing_requests": 48,
+                             "max_queued_requests": 16, "min_replicas": 1, "max_replicas": 1,
+                             "max_body_bytes": 65536}),
+                  name="latentmoe", route_prefix="/")
+        channel = grpc.insecure_channel(f"127.0.0.1:{grpc_port}")
+        yield {"http": f"http://127.0.0.1:{http_port}", "grpc": channel,
+               "metrics": [f"http://127.0.0.1:{port}/metrics" for port in metrics_ports]}
+        channel.close()
+    finally:
+        serve.shutdown()
+        try:
+            ray.kill(ray.get_actor("latentmoe-router", namespace=ROUTER_NAMESPACE))
+        except ValueError:
+            pass
+        ray.shutdown()
+        c.shutdown()
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    return LLM(model=str(tiny_dir))
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["http"] + "/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def greedy(max_tokens=12):
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0)
+
+
+def wait_idle(server, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        cache = httpx.get(server["http"] + "/v1/cache", timeout=10).json()
+        if cache["num_free_blocks"] == cache["num_blocks"] and cache["num_running"] == cache["num_waiting"] == 0:
+            return cache
+        time.sleep(0.2)
+    raise AssertionError(f"cache not idle after {timeout} s: {cache}")
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(server["http"] + "/health", timeout=10).json()["status"] == "ok"
+    stub = health_pb2_grpc.HealthStub(server["grpc"])
+    assert stub.Check(health_pb2.HealthCheckRequest(), timeout=30).status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_completions_match_llm_generate(client, reference):
+    prompt = "The experts of a mixture"
+    expected = reference.generate(prompt, greedy())[0]
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0)
+    assert out.choices[0].text == expected.text
+    assert out.choices[0].finish_reason == expected.finish_reason
+    assert out.usage.prompt_tokens == len(expected.prompt_token_ids)
+    assert out.usage.completion_tokens == len(expected.token_ids)
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == expected.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == expected.finish_reason
+    assert chunks[-1].usage.completion_tokens == len(expected.token_ids)
+
+    ids_out = client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=12, temperature=0)
+    assert ids_out.choices[0].text == reference.generate([[5, 6, 7]], greedy())[0].text
+
+
+def test_chat_matches_llm_generate(client, reference):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Which experts are hot?"}]
+    prompt = reference.tokenizer.apply_chat_template(messages)
+    expected = reference.generate(prompt, greedy())[0]
+    out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0)
+    assert out.choices[0].message.content == expected.text and out.choices[0].message.role == "assistant"
+    assert out.usage.prompt_tokens == len(expected.prompt_token_ids)
+    stream = client.chat.completions.create(model="tiny", messages=messages, max_tokens=12, temperature=0,
+                                            stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == expected.text
+    assert chunks[-1].choices[0].finish_reason == expected.finish_reason
+
+
+def test_sse_ends_with_done(server):
+    with httpx.stream("POST", server["http"] + "/v1/completions", timeout=60,
+                      json={"model": "tiny", "prompt": "hi", "max_tokens": 4, "stream": True}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert lines[-1] == "data: [DONE]" and all(line.startswith("data: ") for line in lines)
+
+
+def test_grpc_generate_and_stream_match(server, reference):
+    stub = generate_pb2_grpc.GeneratorStub(server["grpc"])
+    expected = reference.generate("Hello experts", greedy())[0]
+    request = request_to_proto("Hello experts", greedy())
+    out = stub.Generate(request, timeout=60)
+    assert list(out.token_ids) == expected.token_ids and out.text == expected.text
+    assert out.finished and out.finish_reason == expected.finish_reason
+    assert out.usage.prompt_tokens == len(expected.prompt_token_ids)
+    tokens, text, last = [], "", None
+    for last in stub.GenerateStream(request_to_proto([5, 6, 7], greedy()), timeout=60):
+        tokens += last.token_ids
+        text += last.text
+    ids_expected = reference.generate([[5, 6, 7]], greedy())[0]
+    assert tokens == ids_expected.token_ids and text == ids_expected.text and last.finished
+    assert last.usage.completion_tokens == len(ids_expected.token_ids)
+
+
+BAD_HTTP = [
+    ({"model": "tiny", "prompt": ""}, 400, "prompt is empty"),
+    ({"model": "tiny", "prompt": "x " * 3000}, 400, "context length"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ({"model": "tiny", "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": {"a": 1}}, 400, "prompt"),
+    ({"model": "nope", "prompt": "hi"}, 404, "does not exist"),
+    ({"model": "tiny", "prompt": [5, 10**7]}, 400, "outside the vocabulary"),
+]
+
+
+@pytest.mark.parametrize("body,status,message", BAD_HTTP)
+def test_bad_http_input(server, client, reference, body, status, message):
+    r = httpx.post(server["http"] + "/v1/completions", json=body, timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert message in error["message"] and error["type"]
+    # the next request still succeeds
+    ok = client.completions.create(model="tiny", prompt="hi", max_tokens=3, temperature=0)
+    assert ok.choices[0].text == reference.generate("hi", greedy(3))[0].text
+
+
+@pytest.mark.parametrize("content,status,message", [
+    (b"{not json", 400, "not valid JSON"),
+    (b'{"model": "tiny", "prompt": "\xff\xfe"}', 400, "not valid UTF-8"),
+    (json.dumps({"model": "tiny", "prompt": "x" * 70000}).encode(), 413, "limit"),
+    (b"[1, 2]", 400, "JSON object"),
+])
+def test_malformed_http_bodies(server, content, status, message):
+    r = httpx.post(server["http"] + "/v1/completions", content=content, timeout=60,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == status and message in r.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("mutate,field", [
+    (lambda r: r.params.__setattr__("max_tokens", 0), "max_tokens"),
+    (lambda r: r.params.__setattr__("temperature", -1.0), "temperature"),
+    (lambda r: r.params.__setattr__("top_p", 0.0), "top_p"),
+    (lambda r: r.ClearField("prompt"), "prompt"),
+    (lambda r: r.__setattr__("text", ""), "prompt is empty"),
+    (lambda r: r.__setattr__("model", "nope"), "model"),
+])
+def test_bad_grpc_input(server, reference, mutate, field):
+    stub = generate_pb2_grpc.GeneratorStub(server["grpc"])
+    request = request_to_proto("hi", greedy(3))
+    mutate(request)
+    for call in (stub.Generate, lambda r, timeout: list(stub.GenerateStream(r, timeout=timeout))):
+        with pytest.raises(grpc.RpcError) as info:
+            call(request, timeout=60)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+        assert field in info.value.details()
+    assert list(stub.Generate(request_to_proto("hi", greedy(3)), timeout=60).token_ids) == \
+        reference.generate("hi", greedy(3))[0].token_ids
+
+
+def test_overload_gets_503_and_the_rest_are_served(server, reference):
+    prompt = [9, 8, 7]
+    expected = reference.generate([prompt], SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))[0]
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 40, "temperature": 0, "ignore_eos": True}
+
+    def post(_):
+        return httpx.post(server["http"] + "/v1/completions", json=body, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        responses = list(pool.map(post, range(16)))
+    statuses = [r.status_code for r in responses]
+    assert set(statuses) <= {200, 503} and statuses.count(503) > 0 and statuses.count(200) >= MAX_NUM_REQUESTS
+    for r in responses:
+        if r.status_code == 200:
+            assert r.json()["choices"][0]["text"] == expected.text
+        else:
+            assert r.json()["error"]["type"]
+    # gRPC says RESOURCE_EXHAUSTED for the excess
+    stub = generate_pb2_grpc.GeneratorStub(server["grpc"])
+    request = request_to_proto(prompt, SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True))
+
+    def call(_):
+        try:
+            return list(stub.Generate(request, timeout=120).token_ids)
+        except grpc.RpcError as e:
+            return e.code()
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(call, range(16)))
+    assert grpc.StatusCode.RESOURCE_EXHAUSTED in results
+    assert all(r == expected.token_ids for r in results if isinstance(r, list)) and \
+        sum(isinstance(r, list) for r in results) >= MAX_NUM_REQUESTS
+    wait_idle(server)
+
+
+def test_disconnect_mid_stream_frees_blocks(server):
+    body = {"model": "tiny", "prompt": [5] * 40, "max_tokens": 2000, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", server["http"] + "/v1/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        deadline = time.time() + 30  # the request is running once the headers are here: its blocks are in use
+        while True:
+            busy = httpx.get(server["http"] + "/v1/cache", timeout=10).json()
+            if busy["num_free_blocks"] < busy["num_blocks"] or time.time() > deadline:
+                break
+            time.sleep(0.05)
+        assert busy["num_free_blocks"] < busy["num_blocks"] and busy["num_running"] == 1
+        next(r.iter_lines())
+    wait_idle(server)
+    # and over gRPC
+    stub = generate_pb2_grpc.GeneratorStub(server["grpc"])
+    stream = stub.GenerateStream(request_to_proto([5] * 40, SamplingParams(max_tokens=1500, temperature=0.0,
+                                                                            ignore_eos=True)), timeout=60)
+    next(stream)
+    next(stream)
+    stream.cancel()
+    wait_idle(server)
+
+
+def test_serve_config_file_is_valid():
+    from ray.serve.schema import ServeDeploySchema
+
+    config = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(config) if hasattr(ServeDeploySchema, "model_validate") \
+        else ServeDeploySchema.parse_obj(config)
+    app = schema.applications[0]
+    module, attr = app.import_path.split(":")
+    assert callable(getattr(__import__(module, fromlist=[attr]), attr))
+    built = build_app(app.args)  # the args are accepted by the application
+    assert built is not None
+    with pytest.raises(ValueError, match="unknown application argument"):
+        build_app({"attention_shard": 1})
+
+
+def test_metrics_and_expert_load(server, client):
+    before = settled_scrape(server["metrics"])  # Ray exports with a lag: start from counters that stopped moving
+    assert httpx.post(server["http"] + "/v1/completions", json={"model": "tiny", "prompt": []},
+                      timeout=30).status_code == 400
+    n, max_tokens = 3, 5
+    for i in range(n):
+        client.completions.create(model="tiny", prompt=[5 + i, 6, 7, 8], max_tokens=max_tokens, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    time.sleep(1.5)  # the router takes routing statistics about once a second
+
+    load = httpx.get(server["http"] + "/v1/expert-load", params={"window_s": 30}, timeout=30).json()
+    assert load["layers"] == [1, 2] and load["num_experts"] == 16 and load["num_shards"] == 2
+    for layer in ("1", "2"):  # top-4 routing: each token of each MoE layer counts 4 times
+        assert sum(load["tokens_per_expert"][layer]) == 4 * sum(load["devices_histogram"]) // 2
+        assert load["imbalance_per_layer"][layer] >= 1.0
+    assert max(i for i, c in enumerate(load["devices_histogram"]) if c) <= 2  # topk_group
+    assert load["a2a_bytes"] == load["ideal_bytes"] > 0
+    bad = httpx.get(server["http"] + "/v1/expert-load", params={"window_s": "abc"}, timeout=30)
+    assert bad.status_code == 400 and "window_s" in bad.json()["error"]["message"]
+    stub = generate_pb2_grpc.GeneratorStub(server["grpc"])
+    grpc_load = stub.GetExpertLoad(pb.ExpertLoadRequest(window_s=30), timeout=30)
+    assert [layer.layer for layer in grpc_load.layers] == [1, 2]
+    assert list(grpc_load.devices_histogram) == load["devices_histogram"]
+    page = httpx.get(server["http"] + "/dashboard", timeout=30)
+    assert page.status_code == 200 and "v1/expert-load" in page.text
+
+    deadline = time.time() + 30
+    while True:  # Ray exports metrics every second or so
+        after = scrape(server["metrics"])
+        done = metric(after, "ray_latentmoe_requests_total", status="length") - metric(
+            before, "ray_latentmoe_requests_total", status="length")
+        if done >= n or time.time() > deadline:
+            break
+        time.sleep(1)
+    assert done == n
+    assert metric(after, "ray_latentmoe_generation_tokens_total") - metric(
+        before, "ray_latentmoe_generation_tokens_total") == n * max_tokens
+    assert metric(after, "ray_latentmoe_time_to_first_token_seconds_count") >= n
+    assert metric(after, "ray_latentmoe_e2e_request_latency_seconds_count") >= n
+    assert metric(after, "ray_latentmoe_inter_token_latency_seconds_count") > 0
+    # the expert-load counters agree with the engine's own cumulative dispatch statistics
+    router = ray.get_actor("latentmoe-router", namespace=ROUTER_NAMESPACE)
+    stats = ray.get(router.dispatch_stats.remote(), timeout=30)
+    for s, n in enumerate(stats["tokens_per_shard"]):
+        assert metric(after, "ray_latentmoe_expert_shard_tokens_total", shard=str(s)) == n > 0
+    for d, n in enumerate(stats["devices_histogram"]):
+        assert metric(after, "ray_latentmoe_tokens_by_devices_total", devices=str(d)) == n
+    assert metric(after, "ray_latentmoe_all_to_all_bytes_total") == stats["a2a_bytes"] > 0
+    assert any(k.startswith("ray_latentmoe_expert_imbalance{") for k in after)
+    assert any(k.startswith("ray_latentmoe_latent_cache_usage_ratio{") for k in after)
+    assert metric(after, "ray_latentmoe_requests_total", status="invalid") - metric(
+        before, "ray_latentmoe_requests_total", status="invalid") >= 1
+
+
+def test_dashboard_renders_in_a_browser(server, client, tmp_path):
+    """`/dashboard` in a real headless Chromium (Debian's, driven by Playwright): after some requests it shows
+    a heatmap with data and the per-shard tables, with no console or page errors."""
+    import shutil
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.fail("Chromium is not installed: `apt-get install -y chromium` (Debian's package; .ci/run installs it)")
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail("playwright is not installed: `pip install -e '.[test]'` (only its driver is used, with "
+                    "Debian's chromium; no `playwright install` needed)")
+    for i in range(3):
+        client.completions.create(model="tiny", prompt=[5, 6, 7 + i], max_tokens=5, temperature=0)
+
+    errors = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+            "--disable-sync", "--no-first-run"])  # no network here: without these it waits on Google's services
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            favicon = server["http"] + "/favicon.ico"  # the browser's own request, not the page's: no icon is served
+            page.on("console", lambda m: m.type == "error" and m.location.get("url") != favicon and errors.append(
+                f"console: {m.text} at {m.location}"))
+            page.on("pageerror", lambda e: errors.append(f"page error: {e}"))
+            page.on("requestfailed", lambda r: errors.append(f"request failed: {r.url} {r.failure}"))
+            page.on("response", lambda r: r.status >= 400 and r.url != favicon and errors.append(
+                f"HTTP {r.status}: {r.url}"))
+            assert page.goto(server["http"] + "/dashboard", timeout=30_000).status == 200
+            # the page refreshes every 2 s and the router takes its statistics about once a second
+            page.wait_for_function("""() => /^[1-9][0-9]* token-layer dispatches/.test(
+                document.getElementById("summary").textContent)""", timeout=30_000)
+            summary = page.inner_text("#summary")
+            heat = page.evaluate("""() => {
+                const c = document.getElementById("heatmap"), d = c.getContext("2d").getImageData(0, 0, c.width,
+                    c.height).data;
+                let colored = 0, drawn = 0;
+                for (let i = 0; i < d.length; i += 4) {
+                    if (d[i + 3] > 0) drawn++;
+                    if (d[i + 3] === 255 && d[i] - d[i + 1] > 20) colored++;  // the heatmap's reds, not gray text
+                }
+                return {width: c.width, height: c.height, drawn, colored};
+            }""")
+            shards = page.eval_on_selector_all("#shards tr", "rows => rows.map(r => r.innerText.trim())")
+            devices = page.locator("#devices tr td").count()
+            hottest = page.locator("#hottest tr td").count()
+            page.hover("#heatmap", position={"x": 60 + 56 * 3 + 20, "y": 20 + 110 + 20})  # layer 2, expert 3
+            hover = page.inner_text("#hover")
+            page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
+        finally:
+            browser.close()
+    assert not errors, errors
+    assert "shard imbalance" in summary and "all-to-all" in summary, summary
+    # 2 MoE layers x 16 experts: cells of 56 x 110 px after a 60 x 20 px margin, some of them red
+    assert (heat["width"], heat["height"]) == (60 + 56 * 16, 20 + 110 * 2), heat
+    assert heat["colored"] > 56 * 110 // 2 and heat["drawn"] > heat["colored"], heat
+    assert len(shards) == 3 and [s.split()[:2] for s in shards[1:]] == [["shard", "0"], ["shard", "1"]], shards
+    assert sum(int(s.split()[2]) for s in shards[1:]) > 0, shards
+    assert devices > 0 and hottest > 0
+    assert hover.startswith("layer 2, expert 3: ") and "tokens" in hover, hover
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000

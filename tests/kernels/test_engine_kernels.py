@@ -1,0 +1,29 @@
+"""The engine with the Triton kernels forced on (the interpreter on a CPU) against the torch references."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from latentmoe import LLM, SamplingParams
+from latentmoe.kernels import use_triton
+
+
+@pytest.mark.parametrize("setup", [dict(block_size=16), dict(block_size=4, max_num_batched_tokens=24)])
+def test_kernels_give_the_reference_tokens(tiny_dir, setup):
+    rng = random.Random(5)
+    prompts = [[rng.randrange(2, 1024) for _ in range(n)] for n in (1, 37, 5, 70)]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    reference = LLM(model=str(tiny_dir), kernels="torch", **setup)
+    kernels = LLM(model=str(tiny_dir), kernels="triton", **setup)
+    assert kernels.engine.runner.mla_decode.__name__ == "mla_decode"  # really the Triton launcher
+    expected = [o.token_ids for o in reference.generate(prompts, params)]
+    assert [o.token_ids for o in kernels.generate(prompts, params)] == expected
+
+
+def test_kernel_setting():
+    assert use_triton("auto", "cpu") is False and use_triton("torch", "cuda") is False
+    assert use_triton("auto", "cuda") is True
+    with pytest.raises(ValueError, match="kernels must be"):
+        use_triton("cuda", "cpu")
