@@ -30,7 +30,8 @@ ROUTER_NAMESPACE = "latentmoe"
 
 
 def start_router(config: dict, num_attention: int, num_expert: int, *, timeout_s: float = 300.0,
-                 step_timeout_s: float = 120.0, max_num_requests: int = 1024, name: str | None = None):
+                 step_timeout_s: float = 120.0, max_num_requests: int = 1024, name: str | None = None,
+                 recovery_timeout_s: float | None = None):
     """Create the router actor on the node this process runs on, wait until its shards are up.
 
     With ``name``, the router is a detached named actor that every caller with the same name shares
@@ -45,7 +46,8 @@ def start_router(config: dict, num_attention: int, num_expert: int, *, timeout_s
     if name is not None:
         options |= dict(name=name, namespace=ROUTER_NAMESPACE, lifetime="detached", get_if_exists=True)
     router = RouterActor.options(**options).remote(config, num_attention, num_expert, start_timeout_s=timeout_s,
-                                                   step_timeout_s=step_timeout_s, max_num_requests=max_num_requests)
+                                                   step_timeout_s=step_timeout_s, max_num_requests=max_num_requests,
+                                                   recovery_timeout_s=recovery_timeout_s)
     try:
         info = ray.get(router.start.remote(), timeout=timeout_s + 30)
     except BaseException:

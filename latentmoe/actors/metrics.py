@@ -41,3 +41,8 @@ class ServingMetrics:
                                        tag_keys=("devices",))
         self.a2a_bytes = metrics.Counter("latentmoe_all_to_all_bytes_total",
                                          "Hidden-state bytes sent to and back from expert shards.")
+        self.shard_faults = metrics.Counter("latentmoe_shard_faults_total",
+                                            "Shards that died or hung in a step, by kind (attention, expert).",
+                                            tag_keys=("kind",))
+        self.recoveries = metrics.Counter("latentmoe_recoveries_total",
+                                          "Faults recovered from: shards replaced, group re-formed, requests kept.")

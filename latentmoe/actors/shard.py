@@ -39,9 +39,15 @@ class ShardActor:
     def rendezvous(self, backend: str):
         return new_rendezvous(backend, ray.util.get_node_ip_address())
 
-    def connect(self, backend: str, rank: int, world_size: int, rendezvous, timeout_s: float) -> None:
+    def connect(self, backend: str, rank: int, world_size: int, rendezvous, timeout_s: float,
+                expert_ranks: list[int] | None = None) -> None:
+        """Form (or, after a fault, re-form) the collective group; ``timeout_s`` bounds every collective."""
+        self.close()
         self.comm = make_communicator(backend, rank, world_size, rendezvous, timeout_s)
-        self.shard.connect(self.comm)
+        if self.kind == "attention":
+            self.shard.connect(self.comm, expert_ranks)
+        else:
+            self.shard.connect(self.comm)
 
     def execute(self, method: str, *args):
         if method == "step":
@@ -53,5 +59,8 @@ class ShardActor:
 
     def close(self) -> None:
         if self.comm is not None:
-            self.comm.close()
-            self.comm = None
+            comm, self.comm = self.comm, None
+            try:
+                comm.close()
+            except Exception:  # noqa: BLE001: a group broken by a dead peer may not close cleanly
+                pass

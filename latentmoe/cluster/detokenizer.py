@@ -50,6 +50,12 @@ class IncrementalDetokenizer:
                 return self._emit(len(self.text)), stop
         return self._emit(len(self.text) - self.hold), None
 
+    def resume_at(self, num_chars: int) -> str:
+        """After feeding a moved request's earlier tokens: its client has ``num_chars`` characters of them.
+        Returns that text; what follows it comes out in later deltas."""
+        self.num_emitted = min(num_chars, len(self.text))
+        return self.text[: self.num_emitted]
+
     def finish(self) -> str:
         """The rest: held-back characters, and an incomplete character at the very end, if any."""
         if not self.stopped and self.read_offset < len(self.ids):

@@ -133,7 +133,11 @@ class LLMEngine:
         return tokenize_prompt(self.tokenizer, self.model_config.vocab_size, self.max_model_len, prompt)
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, arrival_time: float | None = None) -> str:
+                    request_id: str | None = None, arrival_time: float | None = None, *,
+                    output_token_ids: list[int] | None = None, num_output_chars: int = 0) -> str:
+        """Queue a request. ``output_token_ids``: tokens it already produced elsewhere (and ``num_output_chars``,
+        characters of their text already returned), to be recomputed like a preempted request's; outputs go
+        on after them, and sampling goes on as if it had never moved (seeds are per position)."""
         params = params or SamplingParams()
         if request_id is None:
             request_id = f"req-{self._next_id}"
@@ -144,9 +148,21 @@ class LLMEngine:
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         ids = self.tokenize(prompt)
         seq = Sequence(request_id, ids, params, arrival_time if arrival_time is not None else time.monotonic())
+        prior = list(output_token_ids or [])
+        if prior:
+            if len(prior) >= params.max_tokens or len(ids) + len(prior) >= self.max_model_len:
+                raise ValueError(f"request {request_id!r} has no tokens left to generate")
+            seq.output_token_ids = prior
         self.scheduler.add(seq)
         detok = IncrementalDetokenizer(self.tokenizer, ids, params) if self.tokenizer is not None else None
-        self.requests[request_id] = _Request(seq, detok)
+        request = _Request(seq, detok)
+        if prior:
+            request.num_emitted_tokens = request.num_detok_tokens = len(prior)
+            if detok is not None:
+                detok.step(prior)
+                request.text = detok.resume_at(num_output_chars)
+                request.num_emitted_chars = len(request.text)
+        self.requests[request_id] = request
         return request_id
 
     def abort_request(self, request_id: str) -> RequestOutput | None:

@@ -33,6 +33,10 @@ class NewRequest:
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
+    # a request moved here from a shard that failed: the tokens (and characters of text) its client has
+    # already received; they are recomputed into this shard's cache and the stream goes on after them
+    output_token_ids: list[int] = field(default_factory=list)
+    num_output_chars: int = 0
 
 
 @dataclass
@@ -58,17 +62,27 @@ class AttentionShard:
         self.model_config = self.engine.model_config
         self.hidden_dtype = resolve_dtype(config.dtype)
 
-    def connect(self, comm: Communicator) -> None:
+    def connect(self, comm: Communicator, expert_ranks: list[int] | None = None) -> None:
+        """Join a (new) collective group; after a fault the ranks may have moved. Statistics carry over."""
+        if expert_ranks is not None:
+            self.expert_ranks = expert_ranks
         c = self.model_config
+        previous = self.dispatcher
         self.dispatcher = AttentionDispatcher(comm, self.placement, self.expert_ranks, c.num_experts_per_tok,
                                               c.n_routed_experts)
+        if previous is not None:
+            self.dispatcher.stats, self.dispatcher.a2a_seconds = previous.stats, previous.a2a_seconds
 
     def _routed(self, layer, h, topk_ids, topk_weights):
         assert self.dispatcher is not None, "attention shard stepped before its collective group was formed"
         return self.dispatcher.routed(layer, h, topk_ids, topk_weights)
 
     def step(self, new: list[NewRequest], aborts: list[str]) -> StepResult:
-        """Apply the router's adds and aborts, then run one step (or an idle pass through the exchanges)."""
+        """Apply the router's adds and aborts, then run one step (or an idle pass through the exchanges).
+
+        If the step fails (a peer died in a collective), the engine is left as it was scheduled: running the
+        next step recomputes the same tokens (blocks are grown idempotently, nothing was sampled or emitted).
+        """
         start = time.perf_counter()
         a2a_before = self.dispatcher.a2a_seconds
         result = StepResult()
@@ -78,7 +92,9 @@ class AttentionShard:
                 result.outputs.append(out)
         for req in new:
             try:
-                self.engine.add_request(req.prompt_token_ids, req.params, request_id=req.request_id)
+                self.engine.add_request(req.prompt_token_ids, req.params, request_id=req.request_id,
+                                        output_token_ids=req.output_token_ids,
+                                        num_output_chars=req.num_output_chars)
             except (ValueError, TypeError) as e:
                 result.errors[req.request_id] = str(e)
         passes = self.engine.num_forward_passes
@@ -105,6 +121,16 @@ class AttentionShard:
 
     def stats(self) -> dict:
         return self.dispatcher.stats.as_dict() if self.dispatcher else {}
+
+    def request_ids(self) -> list[str]:
+        return list(self.engine.requests)
+
+    def abort_all(self) -> list[str]:
+        """Drop every request (the router gave up on them); returns their ids. Frees all blocks."""
+        ids = list(self.engine.requests)
+        for request_id in ids:
+            self.engine.abort_request(request_id)
+        return ids
 
     def cache_stats_and_limits(self) -> dict:
         return self.engine.cache_stats() | {"max_model_len": self.engine.max_model_len}

@@ -54,6 +54,8 @@ class ExpertLoadWindow:
             return None
         now = time.time() if now is None else now
         prev = self.last.get(shard, {})
+        if snapshot.get("a2a_bytes", 0) < prev.get("a2a_bytes", 0):
+            prev = {}  # the shard was replaced after a fault: its counters started again from zero
         self.last[shard] = snapshot
         prev_experts = prev.get("tokens_per_expert", {})
         delta = LoadDelta(

@@ -211,3 +211,34 @@ def test_async_engine_streams_and_aborts(tiny_dir):
         async_llm.shutdown()
     stats = llm.cache_stats()
     assert stats["num_free_blocks"] == stats["num_blocks"] and not engine.has_unfinished
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True),
+    SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=99, ignore_eos=True),
+    SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True, stop=["zz"]),
+], ids=["greedy", "seeded", "stop-string"])
+def test_resumed_request_continues_its_stream(tiny_dir, params):
+    """A request moved from a failed attention shard: given the tokens and characters its client already has,
+    a fresh engine goes on with the same tokens and text, and repeats nothing."""
+    prompt = "The experts of a mixture"
+    whole = LLM(model=str(tiny_dir)).engine
+    request_id = whole.add_request(prompt, params)
+    stream = []  # (tokens so far, characters of text so far) after each output
+    while whole.has_unfinished:
+        for out in whole.step():
+            stream.append((list(out.token_ids), len(out.text)))
+    tokens, text = out.token_ids, out.text
+    for cut in (1, 5, len(stream) // 2, len(stream) - 1):
+        have_tokens, have_chars = stream[cut - 1]
+        engine = LLM(model=str(tiny_dir)).engine
+        engine.add_request(prompt, params, request_id=request_id, output_token_ids=have_tokens,
+                           num_output_chars=have_chars)
+        deltas, delta_text = [], ""
+        while engine.has_unfinished:
+            for out in engine.step():
+                deltas += out.delta_token_ids
+                delta_text += out.delta_text
+        assert have_tokens + deltas == tokens == out.token_ids
+        assert text[:have_chars] + delta_text == text == out.text
+        assert engine.cache_stats()["num_free_blocks"] == engine.cache_stats()["num_blocks"]
