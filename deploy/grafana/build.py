@@ -45,6 +45,9 @@ PANELS = [
     ("Requests running / waiting", "timeseries", "short",
      [("sum(ray_latentmoe_num_requests_running)", "running"), ("sum(ray_latentmoe_num_requests_waiting)", "waiting")],
      12),
+    ("Shard faults and recoveries", "timeseries", "short",
+     [("sum by (kind) (increase(ray_latentmoe_shard_faults_total[5m]))", "{{kind}} shards lost"),
+      ("sum(increase(ray_latentmoe_recoveries_total[5m]))", "recoveries")], 12),
 ]
 
 
