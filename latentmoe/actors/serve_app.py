@@ -32,7 +32,7 @@ from latentmoe.proto import openai_api as oai
 logger = logging.getLogger(__name__)
 
 GRPC_SERVICERS = [
-    "latentmoe.actors.grpc_ingress.add_generator_servicer",
+    "latentmoe.proto.generate_pb2_grpc.add_GeneratorServicer_to_server",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 
