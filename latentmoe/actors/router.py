@@ -325,7 +325,7 @@ class Router:
             self._deliver(request_id, ValueError(message))
             self._finished(request_id, "invalid", now)
         for out in result.outputs:
-            if out.request_id in self.progress or out.request_id in self.requests:
+            if out.request_id in self.requests:  # progress is kept for live requests only
                 self.progress[out.request_id] = (out.token_ids, len(out.text))
             self._deliver(out.request_id, out)
             self._observe(out, now)
