@@ -126,6 +126,9 @@ def serve(
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster (default: the one on this machine; with "
                                               "none running, a local multi-node cluster is started and stopped)."),
     max_replicas: int = typer.Option(2, help="Autoscaling: most ingress replicas."),
+    api_key: Optional[str] = typer.Option(None, envvar="LATENTMOE_API_KEY", show_default=False,
+                                          help="Require 'Authorization: Bearer KEY' on /v1/* and on gRPC Generator "
+                                               "calls (env LATENTMOE_API_KEY). /health stays open."),
 ):
     """Serve the OpenAI HTTP API and the gRPC Generate service from a disaggregated cluster (Ray Serve)."""
     import signal
@@ -152,14 +155,15 @@ def serve(
         ray.init(address=ray_address, log_to_driver=False)
     args = {"model": str(model) if model else None, "attention_shards": attention_shards,
             "expert_shards": expert_shards, "engine": {"dtype": dtype, "device": device},
-            "max_replicas": max_replicas}
+            "max_replicas": max_replicas, "api_key": api_key or None}
     stop = threading.Event()
     try:
         ray_serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": http_port},
                         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
         ray_serve.run(build_app(args), name="latentmoe", route_prefix="/")
-        typer.echo(f"serving: http://{host}:{http_port}/v1 (OpenAI API), grpc {host}:{grpc_port} "
-                   "(latentmoe.v1.Generator); Ctrl-C stops", err=True)
+        # Ray Serve 2.60's gRPC proxy listens on every interface ([::]); only the HTTP address can be chosen
+        typer.echo(f"serving: http://{host}:{http_port}/v1 (OpenAI API), grpc [::]:{grpc_port} (latentmoe.v1.Generator, "
+                   f"all interfaces); API key {'required' if api_key else 'not set'}; Ctrl-C stops", err=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         stop.wait()

@@ -17,15 +17,21 @@ from typing import Callable
 from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
 from latentmoe.cluster.communicator import free_port
 
+# Ray Serve's gRPC proxy accepts messages up to 2 GiB by default; the head node's processes (the proxy among
+# them) get a 4 MiB limit instead, gRPC's own default. Larger messages get RESOURCE_EXHAUSTED from gRPC itself.
+GRPC_MAX_MESSAGE_BYTES = 4 << 20
+PROXY_ENV = {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(GRPC_MAX_MESSAGE_BYTES)}
+
 
 def _ray() -> str:
     exe = os.path.join(os.path.dirname(sys.executable), "ray")
     return exe if os.path.exists(exe) else (shutil.which("ray") or "ray")
 
 
-def _run(args: list[str], echo: Callable[[str], None]) -> None:
+def _run(args: list[str], echo: Callable[[str], None], env: dict[str, str] | None = None) -> None:
     echo("$ " + " ".join(args))
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=180,
+                          env=None if env is None else {**os.environ, **env})
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:3])} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
 
@@ -39,7 +45,8 @@ def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shar
             raise ValueError(f"{name} must be at least 1, got {value}")
     ray = _ray()
     common = ["--disable-usage-stats", "--node-ip-address=127.0.0.1"]
-    _run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", *common], echo)
+    _run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", *common], echo,
+         env={k: os.environ.get(k, v) for k, v in PROXY_ENV.items()})
     address = f"127.0.0.1:{port}"
     roles = [ATTENTION_RESOURCE] * attention_nodes + [EXPERT_RESOURCE] * expert_nodes
     try:

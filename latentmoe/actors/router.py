@@ -558,7 +558,8 @@ class Router:
 
     async def dispatch_stats(self) -> dict:
         """Expert load and all-to-all traffic, summed over attention shards."""
-        parts = await self._gather([a.execute.remote("stats") for a in self.attention], 30.0, "statistics")
+        parts = await self._gather([a.execute.remote("stats") for a in self.attention if a is not None], 30.0,
+                                   "statistics")
         c = self.model_config
         total = DispatchStats(c.n_routed_experts, self.num_expert, c.num_experts_per_tok)
         for part in parts:
@@ -566,9 +567,11 @@ class Router:
         return total.as_dict() | {"max_devices_per_token": self.placement.max_devices_per_token}
 
     async def cache_stats(self) -> dict:
-        shards = [s.cache for s in self.state.shards]
+        """Summed over the live attention shards (a shard that was dropped has no cache any more)."""
+        shards = [s.cache for s in self.state.shards if s.alive and s.cache]
+        first = shards[0] if shards else {}
         return {
-            "block_size": shards[0]["block_size"], "bytes_per_token": shards[0]["bytes_per_token"],
+            "block_size": first.get("block_size"), "bytes_per_token": first.get("bytes_per_token"),
             "num_blocks": sum(s["num_blocks"] for s in shards),
             "num_free_blocks": sum(s["num_free_blocks"] for s in shards),
             "num_running": sum(s.get("num_running", 0) for s in shards),
@@ -580,7 +583,8 @@ class Router:
         return {"num_steps": self.num_steps, "num_step_calls": self.num_step_calls, **self.timings,
                 "num_live_requests": len(self.state.shard_of), "num_recoveries": self.num_recoveries,
                 "faults": self.faults, "error": self.error,
-                "attention_shards_alive": sum(a is not None for a in self.attention)}
+                "attention_shards_alive": sum(a is not None for a in self.attention),
+                "node_id": ray.get_runtime_context().get_node_id()}
 
     async def shard_calls(self) -> list[int]:
         """Step calls each live shard has received (counted by the shards)."""

@@ -11,7 +11,9 @@ wire formats are parsed in ``latentmoe.proto``, requests run in the router.
 
 import asyncio
 import dataclasses
+import hmac
 import logging
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -32,7 +34,7 @@ from latentmoe.proto import openai_api as oai
 logger = logging.getLogger(__name__)
 
 GRPC_SERVICERS = [
-    "latentmoe.proto.generate_pb2_grpc.add_GeneratorServicer_to_server",
+    "latentmoe.actors.grpc_ingress.add_generator_servicer",
     "grpc_health.v1.health_pb2_grpc.add_HealthServicer_to_server",
 ]
 
@@ -48,7 +50,17 @@ class ServeArgs:
     engine: dict = dataclasses.field(default_factory=dict)  # EngineConfig fields (dtype, device, block_size, ...)
     router_name: str = "latentmoe-router"
     max_num_requests: int = 256  # requests in flight in the engine; more get 503 / RESOURCE_EXHAUSTED
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = 1 << 20  # HTTP bodies and gRPC request messages; larger ones get 413 / INVALID_ARGUMENT
+    # Clients must send "Authorization: Bearer <key>" (HTTP /v1/*, and gRPC metadata for Generator) when a key
+    # is set. api_key is visible in the Serve config; api_key_env names an environment variable of the Ray
+    # nodes to read it from instead (a Kubernetes Secret), when api_key is not given.
+    api_key: str | None = None
+    api_key_env: str | None = "LATENTMOE_API_KEY"
+    step_timeout_s: float = 120.0  # a step not done by then is a fault (the shard that did not answer is replaced)
+    recovery_timeout_s: float | None = None  # how long a replacement shard may take to load (None: start_timeout_s)
+    # the longest wait for the router's next output for one request; then the request is aborted and the client
+    # gets 503 / UNAVAILABLE. None: step_timeout_s + recovery_timeout_s + 30 (a recovery is silent that long)
+    output_timeout_s: float | None = None
     min_replicas: int = 1
     max_replicas: int = 2
     target_ongoing_requests: float = 16
@@ -56,6 +68,15 @@ class ServeArgs:
     max_queued_requests: int = 64
     replica_num_cpus: float = 0.25
     start_timeout_s: float = 300.0
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or (os.environ.get(self.api_key_env) if self.api_key_env else None) or None
+
+    def resolved_output_timeout_s(self) -> float:
+        if self.output_timeout_s is not None:
+            return self.output_timeout_s
+        recovery = self.start_timeout_s if self.recovery_timeout_s is None else self.recovery_timeout_s
+        return self.step_timeout_s + recovery + 30.0
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ServeArgs":
@@ -67,6 +88,14 @@ class ServeArgs:
                 setattr(args, name, value := int(value))
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        for name in ("step_timeout_s", "recovery_timeout_s", "output_timeout_s", "start_timeout_s"):
+            value = getattr(args, name)
+            if isinstance(value, str):
+                setattr(args, name, value := float(value))
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                raise ValueError(f"{name} must be a positive number of seconds, got {value!r}")
+        if args.api_key is not None and (not isinstance(args.api_key, str) or not args.api_key):
+            raise ValueError("api_key must be a non-empty string")
         return args
 
 
@@ -79,12 +108,25 @@ def _error(e: oai.ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
+class RouterTimeoutError(Exception):
+    """The router did not answer in time (it hangs, or a recovery outlasted the output timeout)."""
+
+
+async def _within(awaitable, timeout_s: float, what: str):
+    try:
+        return await asyncio.wait_for(awaitable, timeout_s)
+    except asyncio.TimeoutError:
+        raise RouterTimeoutError(f"the router did not answer {what} within {timeout_s:g} s") from None
+
+
 def _engine_error(e: BaseException) -> oai.ApiError:
     """What the router raised -> the client's error: bad input 400, overload 503, the rest 503 as well."""
     if isinstance(e, ray.exceptions.RayTaskError):
         e = e.as_instanceof_cause()
     if isinstance(e, OverloadedError):
         return oai.ApiError(503, str(e), code="overloaded")
+    if isinstance(e, RouterTimeoutError):
+        return oai.ApiError(503, str(e), code="timeout")
     if isinstance(e, (ValueError, TypeError)):
         message = str(e)
         param = "prompt" if "prompt" in message or "token id" in message or "context length" in message else None
@@ -121,7 +163,10 @@ class LatentMoEServer:
         self.router, self.info = start_router(
             dataclasses.asdict(config), self.args.attention_shards, self.args.expert_shards,
             timeout_s=self.args.start_timeout_s, max_num_requests=self.args.max_num_requests,
-            name=self.args.router_name)
+            name=self.args.router_name, step_timeout_s=self.args.step_timeout_s,
+            recovery_timeout_s=self.args.recovery_timeout_s)
+        self.api_key = self.args.resolved_api_key()
+        self.output_timeout_s = self.args.resolved_output_timeout_s()
         from latentmoe.model.tokenizer import Tokenizer
 
         try:
@@ -134,17 +179,52 @@ class LatentMoEServer:
     # ---- the engine, for both doors ---------------------------------------------------------------------------
 
     async def _stream(self, prompt, params, request_id: str):
-        """The router's outputs for one request; aborts it if the caller goes away before the end."""
-        gen = self.router.generate.options(num_returns="streaming").remote(prompt, params, request_id)
+        """The router's outputs for one request; aborts it if the caller goes away before the end.
+
+        The stream is back-pressured, which is also how the router learns that this replica died: its side
+        of the stream then ends, and it aborts the request. A wait for an output longer than the output
+        timeout aborts the request and raises ``RouterTimeoutError``.
+        """
+        gen = self.router.generate.options(num_returns="streaming", _generator_backpressure_num_objects=64).remote(
+            prompt, params, request_id)
         finished = False
         try:
-            async for ref in gen:
+            while True:
+                try:
+                    ref = await _within(gen.__anext__(), self.output_timeout_s, "with the next output")
+                except StopAsyncIteration:
+                    return
                 out = await ref
                 finished = out.finished
                 yield out
         finally:
             if not finished:
                 self.router.abort.remote(request_id)
+                try:
+                    ray.cancel(gen)  # ends the router's side of the stream, which back-pressure may hold at a yield
+                except Exception as e:  # noqa: BLE001: the abort above is what matters
+                    logger.debug("cancel of %s: %r", request_id, e)
+
+    async def _call(self, ref, what: str, timeout_s: float = 30.0):
+        return await _within(ref, timeout_s, what)
+
+    def _authorized(self, authorization: str | None) -> bool:
+        if self.api_key is None:
+            return True
+        scheme, _, token = (authorization or "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.api_key.encode())
+
+    def _check_http_key(self, request: Request) -> None:
+        if not self._authorized(request.headers.get("authorization")):
+            raise oai.ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer <key>'",
+                               code="invalid_api_key")
+
+    def _check_grpc_key(self, grpc_context) -> None:
+        metadata = dict(grpc_context.invocation_metadata() or ())
+        if not self._authorized(metadata.get("authorization")):
+            grpc_context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+            grpc_context.set_details("a valid API key is required: send the metadata 'authorization: Bearer <key>'")
+            raise PermissionError("missing or wrong API key")
 
     async def _first_and_rest(self, prompt, params, request_id: str):
         """Start a request and wait for its first output, so that errors surface before a stream starts."""
@@ -165,27 +245,47 @@ class LatentMoEServer:
 
     @app.get("/health")
     async def health(self):
-        counters = await self.router.counters.remote()
-        return {"status": "ok", "live_requests": counters["num_live_requests"]}
+        """Open without an API key (for load balancers and probes); 503 when the router does not answer."""
+        try:
+            counters = await self._call(self.router.counters.remote(), "the health check", 10.0)
+        except Exception as e:  # noqa: BLE001: any failure of the router is "unhealthy"
+            return _error(_engine_error(e))
+        if counters.get("error"):
+            return _error(oai.ApiError(503, f"the cluster is down: {counters['error']}", code="unavailable"))
+        return {"status": "ok", "live_requests": counters["num_live_requests"],
+                "attention_shards_alive": counters.get("attention_shards_alive")}
 
     @app.get("/v1/models")
-    async def models(self):
+    async def models(self, request: Request):
+        try:
+            self._check_http_key(request)
+        except oai.ApiError as e:
+            return _error(e)
         return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": self.created,
                                             "owned_by": "latentmoe", "max_model_len": self.max_model_len}]}
 
     @app.get("/v1/cache")
-    async def cache(self):
-        return await self.router.cache_stats.remote()
+    async def cache(self, request: Request):
+        try:
+            self._check_http_key(request)
+            return await self._call(self.router.cache_stats.remote(), "the cache statistics")
+        except oai.ApiError as e:
+            return _error(e)
+        except Exception as e:  # noqa: BLE001
+            return _error(_engine_error(e))
 
     @app.get("/v1/expert-load")
-    async def expert_load(self, window_s: str = "60"):
+    async def expert_load(self, request: Request, window_s: str = "60"):
         """Tokens per (MoE layer, expert), per expert shard, devices per token, over the last window_s seconds."""
         try:
+            self._check_http_key(request)
             window = float(window_s)
-            return await self.router.expert_load.remote(window)
+            return await self._call(self.router.expert_load.remote(window), "the expert load")
+        except oai.ApiError as e:
+            return _error(e)
         except ValueError:
             return _error(oai.bad_request(f"window_s must be a number in (0, 3600], got {window_s!r}", "window_s"))
-        except ray.exceptions.RayTaskError as e:
+        except Exception as e:  # noqa: BLE001
             return _error(_engine_error(e))
 
     @app.get("/dashboard", response_class=HTMLResponse)
@@ -202,6 +302,7 @@ class LatentMoEServer:
 
     async def _openai(self, request: Request, chat: bool):
         try:
+            self._check_http_key(request)
             body = oai.decode_body(await request.body(), self.args.max_body_bytes)
             req = oai.parse_chat(body, self.tokenizer, self.max_model_len) if chat else oai.parse_completion(body)
             self._check_model(req.model)
@@ -245,7 +346,11 @@ class LatentMoEServer:
     async def _grpc_start(self, request, grpc_context):
         from latentmoe.proto.convert import request_from_proto
 
+        self._check_grpc_key(grpc_context)
         try:
+            size = request.ByteSize()
+            if size > self.args.max_body_bytes:
+                raise ValueError(f"the request is {size} bytes; the limit is {self.args.max_body_bytes}")
             prompt, params, request_id, model = request_from_proto(request)
             if model and model != self.model_name:
                 raise ValueError(f"model: {model!r} does not exist; this server serves {self.model_name!r}")
@@ -286,8 +391,10 @@ class LatentMoEServer:
     async def GetExpertLoad(self, request, grpc_context):  # noqa: N802
         from latentmoe.proto.convert import expert_load_to_proto
 
+        self._check_grpc_key(grpc_context)
         try:
-            return expert_load_to_proto(await self.router.expert_load.remote(request.window_s or 60.0))
+            return expert_load_to_proto(await self._call(self.router.expert_load.remote(request.window_s or 60.0),
+                                                         "the expert load"))
         except Exception as e:
             _set_grpc_error(grpc_context, e)
             raise
@@ -299,8 +406,10 @@ class LatentMoEServer:
 
         status = health_pb2.HealthCheckResponse.SERVING
         try:
-            await asyncio.wait_for(self.router.counters.remote(), 10)
-        except Exception:
+            counters = await asyncio.wait_for(self.router.counters.remote(), 10)
+            if counters.get("error"):
+                status = health_pb2.HealthCheckResponse.NOT_SERVING
+        except Exception:  # noqa: BLE001: any failure of the router is "not serving"
             status = health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
 

@@ -43,6 +43,8 @@ def loadtest(
     temperature: float = typer.Option(1.0, help="Sampling temperature (each request gets its own seed)."),
     seed: int = typer.Option(0, help="Seed of the workload: the same seed sends the same requests."),
     timeout: float = typer.Option(600.0, help="Per-request timeout in seconds."),
+    api_key: Optional[str] = typer.Option(None, envvar="LATENTMOE_API_KEY",
+                                          help="The server's API key, if it has one (env LATENTMOE_API_KEY)."),
     out: Optional[Path] = typer.Option(
         None, help="Write result.json, the PNG plots and report.html to this directory."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
@@ -55,7 +57,8 @@ def loadtest(
 
     try:
         target = Target(url=url, grpc=grpc, http_url=http_url, model=model, endpoint=endpoint, stream=stream,
-                        ignore_eos=ignore_eos, temperature=temperature, timeout_s=timeout)
+                        ignore_eos=ignore_eos, temperature=temperature, timeout_s=timeout,
+                        api_key=api_key)
         if concurrency is None and request_rate is None:
             concurrency = DEFAULT_CONCURRENCY
         if num_requests is None and duration is None:

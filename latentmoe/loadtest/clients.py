@@ -59,13 +59,14 @@ class HttpClient:
 
     def __init__(self, base_url: str, model: str, *, chat: bool = False, stream: bool = True,
                  ignore_eos: bool = True, temperature: float = 1.0, timeout_s: float = 600.0,
-                 max_connections: int | None = None, clock: Callable[[], float] | None = None):
+                 max_connections: int | None = None, clock: Callable[[], float] | None = None,
+                 api_key: str | None = None):
         self.model, self.chat, self.stream = model, chat, stream
         self.ignore_eos, self.temperature = ignore_eos, temperature
         self.path = "/v1/chat/completions" if chat else "/v1/completions"
         self.clock = clock or make_clock()
         self.client = httpx.AsyncClient(
-            base_url=base_url.rstrip("/"), timeout=httpx.Timeout(timeout_s),
+            base_url=base_url.rstrip("/"), timeout=httpx.Timeout(timeout_s), headers=auth_headers(api_key),
             limits=httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections))
 
     async def __aenter__(self) -> "HttpClient":
@@ -142,9 +143,11 @@ class GrpcClient:
     """Sends requests to ``latentmoe.v1.Generator`` (``GenerateStream``, or ``Generate`` without streaming)."""
 
     def __init__(self, target: str, model: str | None = None, *, stream: bool = True, ignore_eos: bool = True,
-                 temperature: float = 1.0, timeout_s: float = 600.0, clock: Callable[[], float] | None = None):
+                 temperature: float = 1.0, timeout_s: float = 600.0, clock: Callable[[], float] | None = None,
+                 api_key: str | None = None):
         self.model, self.stream, self.ignore_eos, self.temperature = model, stream, ignore_eos, temperature
         self.timeout_s = timeout_s
+        self.metadata = tuple(auth_headers(api_key).items())
         self.clock = clock or make_clock()
         self.channel = grpc.aio.insecure_channel(target)
         self.stub = generate_pb2_grpc.GeneratorStub(self.channel)
@@ -167,14 +170,14 @@ class GrpcClient:
         try:
             if self.stream:
                 last = None
-                async for last in self.stub.GenerateStream(request, timeout=self.timeout_s):
+                async for last in self.stub.GenerateStream(request, timeout=self.timeout_s, metadata=self.metadata):
                     if last.token_ids:
                         result.chunk_times.append(self.clock())
                         result.chunk_tokens.append(len(last.token_ids))
                 if last is None or not last.finished:
                     result.status, result.error = "incomplete", "the stream ended before a finished message"
             else:
-                last = await self.stub.Generate(request, timeout=self.timeout_s)
+                last = await self.stub.Generate(request, timeout=self.timeout_s, metadata=self.metadata)
             result.end = self.clock()
             if last is not None and last.finished:
                 result.finish_reason = last.finish_reason
@@ -194,7 +197,8 @@ class GrpcClient:
         if not hasattr(self.stub, "GetExpertLoad"):
             return {"available": False, "reason": "these gRPC stubs have no GetExpertLoad (give --http-url)"}
         try:
-            msg = await self.stub.GetExpertLoad(generate_pb2.ExpertLoadRequest(window_s=window_s), timeout=30)
+            msg = await self.stub.GetExpertLoad(generate_pb2.ExpertLoadRequest(window_s=window_s), timeout=30,
+                                                    metadata=self.metadata)
         except grpc.aio.AioRpcError as e:
             return {"available": False, "reason": f"GetExpertLoad failed: {e.code().name}: {e.details()}"}
         return {"available": True, "data": expert_load_from_proto(msg)}
@@ -216,20 +220,25 @@ def expert_load_from_proto(msg) -> dict:
             "a2a_bytes": msg.a2a_bytes, "ideal_bytes": msg.ideal_bytes}
 
 
-async def fetch_models(base_url: str, timeout_s: float = 30.0) -> list[str]:
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The header (HTTP) or metadata (gRPC, lower-case) that carries an API key; none without a key."""
+    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+async def fetch_models(base_url: str, timeout_s: float = 30.0, api_key: str | None = None) -> list[str]:
     """The model ids of ``GET /v1/models``."""
-    async with httpx.AsyncClient(timeout=timeout_s) as client:
+    async with httpx.AsyncClient(timeout=timeout_s, headers=auth_headers(api_key)) as client:
         response = await client.get(base_url.rstrip("/") + "/v1/models")
         response.raise_for_status()
         return [m["id"] for m in response.json()["data"]]
 
 
-async def fetch_expert_load(base_url: str, window_s: int, timeout_s: float = 30.0) -> dict:
+async def fetch_expert_load(base_url: str, window_s: int, timeout_s: float = 30.0, api_key: str | None = None) -> dict:
     """``GET /v1/expert-load?window_s=N`` as ``{"available": True, "data": {...}}``, or
     ``{"available": False, "reason": ...}`` when there is no such endpoint or no answer."""
     url = base_url.rstrip("/") + "/v1/expert-load"
     try:
-        async with httpx.AsyncClient(timeout=timeout_s) as client:
+        async with httpx.AsyncClient(timeout=timeout_s, headers=auth_headers(api_key)) as client:
             response = await client.get(url, params={"window_s": window_s})
     except Exception as e:
         return {"available": False, "reason": f"{url} did not answer: {type(e).__name__}: {e}"}

@@ -108,6 +108,7 @@ class Target:
     ignore_eos: bool = True
     temperature: float = 1.0
     timeout_s: float = 600.0
+    api_key: str | None = None  # sent as "Authorization: Bearer <key>" (HTTP) / "authorization" metadata (gRPC)
 
     def __post_init__(self):
         if (self.url is None) == (self.grpc is None):
@@ -143,13 +144,13 @@ async def run_loadtest(target: Target, schedule: Schedule, workload: Workload,
     when there is an HTTP address, else by gRPC ``GetExpertLoad``."""
     model = target.model
     if model is None and target.info_url is not None:
-        models = await clients.fetch_models(target.info_url)
+        models = await clients.fetch_models(target.info_url, api_key=target.api_key)
         if not models:
             raise ValueError(f"{target.info_url}/v1/models lists no model")
         model = models[0]
     clock = clients.make_clock()
     options = dict(stream=target.stream, ignore_eos=target.ignore_eos, temperature=target.temperature,
-                   timeout_s=target.timeout_s, clock=clock)
+                   timeout_s=target.timeout_s, clock=clock, api_key=target.api_key)
     if target.url is not None:
         if model is None:
             raise ValueError("no model name: give --model")
@@ -164,7 +165,7 @@ async def run_loadtest(target: Target, schedule: Schedule, workload: Workload,
         await asyncio.sleep(settle_s)
         window_s = math.ceil(clock())
         if target.info_url is not None:
-            load = await clients.fetch_expert_load(target.info_url, window_s)
+            load = await clients.fetch_expert_load(target.info_url, window_s, api_key=target.api_key)
         else:
             load = await client.expert_load(window_s)
     if load["available"]:
