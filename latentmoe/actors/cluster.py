@@ -29,10 +29,24 @@ def ensure_ray(address: str | None = None) -> None:
 ROUTER_NAMESPACE = "latentmoe"
 
 
+def _router_node() -> str:
+    """Where the router goes: this node, unless it holds shards (losing a shard's node must not take the router
+    with it); then a live node without a shard role, the head first."""
+    from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
+
+    here = ray.get_runtime_context().get_node_id()
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    shardless = [n for n in nodes if not {ATTENTION_RESOURCE, EXPERT_RESOURCE} & set(n.get("Resources", {}))]
+    if not shardless or any(n["NodeID"] == here for n in shardless):
+        return here
+    head = [n for n in shardless if "node:__internal_head__" in n.get("Resources", {})]
+    return (head or shardless)[0]["NodeID"]
+
+
 def start_router(config: dict, num_attention: int, num_expert: int, *, timeout_s: float = 300.0,
                  step_timeout_s: float = 120.0, max_num_requests: int = 1024, name: str | None = None,
                  recovery_timeout_s: float | None = None):
-    """Create the router actor on the node this process runs on, wait until its shards are up.
+    """Create the router actor (on this node, or on a node without shards), wait until its shards are up.
 
     With ``name``, the router is a detached named actor that every caller with the same name shares
     (the ingress replicas of a Serve application): the first creates it, the others get it.
@@ -40,9 +54,8 @@ def start_router(config: dict, num_attention: int, num_expert: int, *, timeout_s
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    here = ray.get_runtime_context().get_node_id()
     options = dict(num_cpus=0, max_concurrency=1000,
-                   scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True))
+                   scheduling_strategy=NodeAffinitySchedulingStrategy(_router_node(), soft=True))
     if name is not None:
         options |= dict(name=name, namespace=ROUTER_NAMESPACE, lifetime="detached", get_if_exists=True)
     router = RouterActor.options(**options).remote(config, num_attention, num_expert, start_timeout_s=timeout_s,

@@ -36,6 +36,10 @@ def bad_request(message: str, param: str | None = None) -> ApiError:
     return ApiError(400, message, param)
 
 
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
 def decode_body(raw: bytes, max_bytes: int) -> dict:
     """Bytes of a request body -> a JSON object, or the ``ApiError`` that says what is wrong with it."""
     if len(raw) > max_bytes:
@@ -45,8 +49,10 @@ def decode_body(raw: bytes, max_bytes: int) -> dict:
     except UnicodeDecodeError as e:
         raise bad_request(f"request body is not valid UTF-8: {e}") from None
     try:
-        body = json.loads(text)
+        body = json.loads(text, parse_constant=_no_constant)
     except json.JSONDecodeError as e:
+        raise bad_request(f"request body is not valid JSON: {e}") from None
+    except ValueError as e:  # NaN / Infinity: Python's json reads them, JSON (RFC 8259) has no such values
         raise bad_request(f"request body is not valid JSON: {e}") from None
     if not isinstance(body, dict):
         raise bad_request(f"request body must be a JSON object, got {type(body).__name__}")
