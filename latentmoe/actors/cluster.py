@@ -6,6 +6,7 @@ import logging
 
 import ray
 
+from latentmoe.actors.names import ROUTER_NAMESPACE
 from latentmoe.actors.router import RouterActor
 
 logger = logging.getLogger(__name__)
@@ -24,9 +25,6 @@ def ensure_ray(address: str | None = None) -> None:
         logger.warning("no running Ray cluster found: starting a single local node (attention and experts will "
                        "share it); `latentmoe cluster start` starts a local multi-node cluster")
         ray.init(log_to_driver=False)
-
-
-ROUTER_NAMESPACE = "latentmoe"
 
 
 def _router_node() -> str:
@@ -54,7 +52,8 @@ def start_router(config: dict, num_attention: int, num_expert: int, *, timeout_s
     """
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    options = dict(num_cpus=0, max_concurrency=1000,
+    # no task events: per-request and per-step calls would fill the GCS's task table (Serve turns them off too)
+    options = dict(num_cpus=0, max_concurrency=1000, enable_task_events=False,
                    scheduling_strategy=NodeAffinitySchedulingStrategy(_router_node(), soft=True))
     if name is not None:
         options |= dict(name=name, namespace=ROUTER_NAMESPACE, lifetime="detached", get_if_exists=True)

@@ -129,6 +129,7 @@ class Router:
         bundle = index if kind == "attention" else self.num_attention + index
         expert_ranks = list(range(self.num_attention, self.num_attention + self.num_expert))
         return ShardActor.options(scheduling_strategy=self.strategies[bundle], max_restarts=0,
+                                  enable_task_events=False,  # a step call per shard per step: not for the GCS
                                   **self.shard_resources).remote(kind, self.config_dict, self.placement, index,
                                                                  expert_ranks)
 

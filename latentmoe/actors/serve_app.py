@@ -27,6 +27,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 
 from latentmoe.actors.cluster import start_router
+from latentmoe.actors.names import INGRESS_DEPLOYMENT
 from latentmoe.cluster.engine_config import EngineConfig, reject_unknown_keys
 from latentmoe.cluster.router_state import OverloadedError
 from latentmoe.proto import openai_api as oai
@@ -135,6 +136,13 @@ def _engine_error(e: BaseException) -> oai.ApiError:
     return oai.ApiError(503, f"the engine is unavailable: {e}", code="unavailable")
 
 
+def _check_parsed(request) -> None:
+    from latentmoe.actors.grpc_ingress import MalformedRequest
+
+    if isinstance(request, MalformedRequest):
+        raise ValueError(str(request))
+
+
 def _set_grpc_error(grpc_context, e: BaseException) -> None:
     if isinstance(e, ray.exceptions.RayTaskError):
         e = e.as_instanceof_cause()
@@ -148,7 +156,7 @@ def _set_grpc_error(grpc_context, e: BaseException) -> None:
     grpc_context.set_details(str(e).splitlines()[-1] if str(e) else type(e).__name__)
 
 
-@serve.deployment
+@serve.deployment(name=INGRESS_DEPLOYMENT)
 @serve.ingress(app)
 class LatentMoEServer:
     def __init__(self, args: dict):
@@ -204,6 +212,10 @@ class LatentMoEServer:
                     ray.cancel(gen)  # ends the router's side of the stream, which back-pressure may hold at a yield
                 except Exception as e:  # noqa: BLE001: the abort above is what matters
                     logger.debug("cancel of %s: %r", request_id, e)
+
+    async def abort_request(self, request_id: str) -> bool:
+        """Abort a request (called by Serve's gRPC proxy for a stream it dropped; see ``grpc_ingress``)."""
+        return await self._call(self.router.abort.remote(request_id), "the abort")
 
     async def _call(self, ref, what: str, timeout_s: float = 30.0):
         return await _within(ref, timeout_s, what)
@@ -348,6 +360,7 @@ class LatentMoEServer:
 
         self._check_grpc_key(grpc_context)
         try:
+            _check_parsed(request)
             size = request.ByteSize()
             if size > self.args.max_body_bytes:
                 raise ValueError(f"the request is {size} bytes; the limit is {self.args.max_body_bytes}")
@@ -393,6 +406,7 @@ class LatentMoEServer:
 
         self._check_grpc_key(grpc_context)
         try:
+            _check_parsed(request)
             return expert_load_to_proto(await self._call(self.router.expert_load.remote(request.window_s or 60.0),
                                                          "the expert load"))
         except Exception as e:

@@ -295,6 +295,31 @@ def test_disconnect_mid_stream_frees_blocks(server):
     wait_idle(server)
 
 
+def test_proxy_side_abort_stays_light(server):
+    """What Serve's gRPC proxy does for a stream it dropped (``grpc_ingress._abort``), in a process of its own:
+    the request is aborted through the ingress, and neither torch nor the router's module gets imported."""
+    import subprocess
+    import sys
+
+    stub = generate_pb2_grpc.GeneratorStub(server["grpc"])
+    stream = stub.GenerateStream(request_to_proto([5] * 40, SamplingParams(max_tokens=1500, temperature=0.0,
+                                                                            ignore_eos=True), request_id="dropped-1"),
+                                 timeout=120)
+    next(stream)
+    code = (f"import ray, sys; ray.init(address={server['cluster'].address!r}, log_to_driver=False)\n"
+            "from latentmoe.actors import grpc_ingress\n"
+            "grpc_ingress._abort('dropped-1', None)\n"
+            "print(sorted(m for m in ('torch', 'latentmoe.actors.router', 'latentmoe.cluster.engine') "
+            "if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", (done.stdout, done.stderr[-3000:])
+    last = None
+    for last in stream:
+        pass
+    assert last.finished and last.finish_reason == "abort", last
+    wait_idle(server)
+
+
 def test_serve_config_file_is_valid():
     from ray.serve.schema import ServeDeploySchema
 
@@ -518,7 +543,8 @@ _chat = st.fixed_dictionaries({"model": st.one_of(st.just("tiny"), _junk), "max_
                               optional={"messages": st.one_of(st.lists(_message, max_size=4), _junk),
                                         "max_completion_tokens": _max_tokens, **_options})
 _fuzz = settings(max_examples=60, deadline=None, derandomize=True,
-                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large,
+                                       HealthCheck.filter_too_much])
 
 
 def _check_http_answer(r, stream: bool) -> None:
@@ -585,6 +611,29 @@ def test_fuzzed_grpc_requests_get_invalid_argument_or_an_answer(server, request,
         stub.GetExpertLoad(pb.ExpertLoadRequest(window_s=window), timeout=60)
     except grpc.RpcError as e:
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "window" in e.details(), (e.code(), e.details())
+
+
+def _does_not_parse(data: bytes) -> bool:
+    try:
+        pb.GenerateRequest.FromString(data)
+    except Exception:  # noqa: BLE001: protobuf's DecodeError, whatever module it comes from
+        return True
+    return False
+
+
+@_fuzz
+@given(data=st.binary(min_size=1, max_size=48).filter(_does_not_parse), stream=st.booleans())
+def test_grpc_bytes_that_do_not_parse_get_invalid_argument(server, data, stream):
+    """Bytes that are no GenerateRequest: INVALID_ARGUMENT that says so (gRPC alone would answer INTERNAL)."""
+    method = "/latentmoe.v1.Generator/" + ("GenerateStream" if stream else "Generate")
+    call = (server["grpc"].unary_stream if stream else server["grpc"].unary_unary)(
+        method, request_serializer=None, response_deserializer=pb.GenerateResponse.FromString)
+    with pytest.raises(grpc.RpcError) as info:
+        result = call(data, timeout=60)
+        if stream:
+            list(result)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, (info.value.code(), info.value.details())
+    assert "not a valid latentmoe.v1.GenerateRequest" in info.value.details()
 
 
 def test_server_is_healthy_after_the_fuzzing(server, client, reference):
