@@ -6,7 +6,6 @@ Expected outputs come from the single-process engine (`LLM.generate`) on the sam
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import json
 import os
 import random
@@ -29,12 +28,11 @@ from ray.cluster_utils import Cluster
 from ray.serve.config import gRPCOptions
 
 from latentmoe import LLM, SamplingParams
-from latentmoe.actors.cluster import ROUTER_NAMESPACE, start_router
+from latentmoe.actors.cluster import ROUTER_NAMESPACE
 from latentmoe.actors.local_cluster import GRPC_MAX_MESSAGE_BYTES, PROXY_ENV
 from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
 from latentmoe.actors.serve_app import GRPC_SERVICERS, build_app
 from latentmoe.cluster.communicator import free_port
-from latentmoe.cluster.engine_config import EngineConfig
 from latentmoe.proto import generate_pb2 as pb
 from latentmoe.proto import generate_pb2_grpc
 from latentmoe.proto.convert import request_to_proto
@@ -64,12 +62,6 @@ def server(tiny_dir):
     ray.init(address=c.address, log_to_driver=False)
     http_port, grpc_port = free_port(), free_port()
     try:
-        # The router first, from here (the head): the test that takes the attention node away needs it off that
-        # node, whichever node Serve puts the first replica on. The replicas find it by name.
-        engine = dataclasses.asdict(EngineConfig.from_dict({"model": str(tiny_dir), **APP_ARGS["engine"]}))
-        start_router(engine, APP_ARGS["attention_shards"], APP_ARGS["expert_shards"], name="latentmoe-router",
-                     max_num_requests=MAX_NUM_REQUESTS, step_timeout_s=APP_ARGS["step_timeout_s"],
-                     recovery_timeout_s=APP_ARGS["recovery_timeout_s"])
         serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port},
                     grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
         serve.run(build_app({"model": str(tiny_dir), **APP_ARGS}), name="latentmoe", route_prefix="/")
@@ -784,6 +776,7 @@ def test_no_attention_shard_left_gives_503(server):
     nodes = {n["NodeID"]: sorted(k for k in n["Resources"] if not k.startswith("node:")) for n in ray.nodes()
              if n["Alive"]}
     router_node = ray.get(router.counters.remote(), timeout=30)["node_id"]
+    # the router avoids shard nodes (latentmoe.actors.cluster._router_node), whichever node the first replica is on
     assert router_node != attention_node_id, (router_node, attention_node_id, nodes)
     assert all(p.info["ppid"] != server["attention_node"].all_processes["raylet"][0].process.pid
                for p in _processes(server, "ServeReplica"))
