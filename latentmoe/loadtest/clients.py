@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Callable
+from typing import AsyncIterator, Callable
 
 import grpc
 import httpx2 as httpx
@@ -103,15 +103,11 @@ class HttpClient:
                 result.status, result.error = str(response.status_code), error_message(response.status_code, content)
                 return
             done = False
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+            async for chunk in sse_chunks(response):
+                if chunk is None:
                     done = True
                     break
                 now = self.clock()
-                chunk = json.loads(data)
                 if "error" in chunk:  # the server failed mid-stream and said so in the stream
                     result.status = "stream_error"
                     result.error = str((chunk["error"] or {}).get("message", chunk["error"]))
@@ -218,6 +214,18 @@ def expert_load_from_proto(msg) -> dict:
             "devices_histogram": list(msg.devices_histogram),
             "hottest_experts": [{"layer": layer, "expert": e, "tokens": n} for n, layer, e in hottest],
             "a2a_bytes": msg.a2a_bytes, "ideal_bytes": msg.ideal_bytes}
+
+
+async def sse_chunks(response) -> AsyncIterator[dict | None]:
+    """The JSON objects of a streamed OpenAI response's ``data:`` lines, then ``None`` for ``data: [DONE]``."""
+    async for line in response.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        data = line[5:].strip()
+        if data == "[DONE]":
+            yield None
+            return
+        yield json.loads(data)
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:

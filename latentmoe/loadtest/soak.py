@@ -29,6 +29,7 @@ import grpc
 import httpx2 as httpx
 
 from latentmoe.cluster.sampling_params import SamplingParams
+from latentmoe.loadtest.clients import sse_chunks
 from latentmoe.proto import generate_pb2_grpc
 from latentmoe.proto.convert import request_to_proto
 
@@ -374,14 +375,10 @@ class _Soak:
         async with self.http.stream("POST", path, json=body) as r:
             if r.status_code != 200:
                 raise _http_error(r.status_code, await r.aread())
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+            async for chunk in sse_chunks(r):
+                if chunk is None:
                     done = True
                     break
-                chunk = json.loads(data)
                 if "error" in chunk:
                     raise _Status("stream_error", str(chunk["error"]))
                 for choice in chunk.get("choices") or []:
@@ -421,14 +418,10 @@ class _Soak:
         async with self.http.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
                 raise _http_error(r.status_code, await r.aread())
-            async for line in r.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                chunk = {} if data == "[DONE]" else json.loads(data)
-                if "error" in chunk:
+            async for chunk in sse_chunks(r):
+                if chunk is not None and "error" in chunk:
                     raise _Status("stream_error", str(chunk["error"]))
-                if data == "[DONE]" or any(c.get("finish_reason") for c in chunk.get("choices") or []):
+                if chunk is None or any(c.get("finish_reason") for c in chunk.get("choices") or []):
                     return "ended_early", f"finished after {num_chunks} chunk(s) of {max_tokens} tokens"
                 num_chunks += 1
                 if num_chunks >= drop_after:
