@@ -39,7 +39,7 @@ def main() -> None:
 
     from latentmoe import LLM, SamplingParams
     from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
-    from latentmoe.cli import default_model_dir
+    from latentmoe.model.tiny import default_model_dir
 
     model = args.model or str(default_model_dir())
     rng = random.Random(0)

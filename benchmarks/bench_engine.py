@@ -33,7 +33,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from latentmoe import LLM, SamplingParams
-    from latentmoe.cli import default_model_dir
+    from latentmoe.model.tiny import default_model_dir
 
     model = args.model or str(default_model_dir())
     llm = LLM(model=model, dtype=args.dtype)

@@ -120,7 +120,7 @@ def main() -> None:
         ap.error("--url and --grpc go together")
 
     from latentmoe import LLM
-    from latentmoe.cli import default_model_dir
+    from latentmoe.model.tiny import default_model_dir
     from latentmoe.loadtest import soak
 
     model_dir = args.model_dir or str(default_model_dir())

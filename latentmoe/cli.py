@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -11,19 +10,6 @@ import typer
 
 app = typer.Typer(help="latentmoe: serve DeepSeek-V2-family MoE models on Ray.", no_args_is_help=True,
                   add_completion=False, pretty_exceptions_enable=False)
-
-
-def default_model_dir(seed: int = 0) -> Path:
-    """The built-in tiny model, written on first use under ``$LATENTMOE_CACHE`` (default ~/.cache/latentmoe)."""
-    from latentmoe.model.tiny import make_tiny
-
-    root = Path(os.environ.get("LATENTMOE_CACHE", Path.home() / ".cache" / "latentmoe"))
-    path = root / f"tiny-seed{seed}"
-    if not (path / "config.json").exists() or not (path / "tokenizer.json").exists():
-        tmp = root / f".tiny-seed{seed}.{os.getpid()}"
-        make_tiny(tmp, seed=seed)
-        tmp.rename(path) if not path.exists() else None
-    return path
 
 
 @app.command("make-tiny")
@@ -50,6 +36,7 @@ def make_tiny_cmd(
 def info(model: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: the built-in tiny model).")):
     """Print a checkpoint's architecture and its latent-cache size per token."""
     from latentmoe.model.config import ModelConfig
+    from latentmoe.model.tiny import default_model_dir
 
     cfg = ModelConfig.from_json(model or default_model_dir())
     layers = cfg.num_hidden_layers

@@ -25,7 +25,7 @@ class LLM:
         process is connected to (or the one running on this machine, or a new local one).
         """
         if model is None:
-            from latentmoe.cli import default_model_dir
+            from latentmoe.model.tiny import default_model_dir
 
             model = str(default_model_dir())
         config = EngineConfig.from_dict({"model": str(model), "dtype": dtype, **engine_args})

@@ -163,7 +163,7 @@ class LatentMoEServer:
         self.args = ServeArgs.from_dict(args)
         model = self.args.model
         if model is None:
-            from latentmoe.cli import default_model_dir
+            from latentmoe.model.tiny import default_model_dir
 
             model = str(default_model_dir())
         config = EngineConfig.from_dict({"model": model, **self.args.engine})

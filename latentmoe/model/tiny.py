@@ -10,6 +10,8 @@ checkpoint the same way. ``--config`` builds random checkpoints of any shape
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from importlib import resources
 from pathlib import Path
 
@@ -94,3 +96,17 @@ def make_tiny(out_dir: str | Path, seed: int = 0, config: dict | None = None,
     save_checkpoint(model, out_dir, max_shard_bytes=max_shard_bytes)
     write_tiny_tokenizer(out_dir)
     return out_dir
+
+
+def default_model_dir(seed: int = 0) -> Path:
+    """The built-in tiny model, written on first use under ``$LATENTMOE_CACHE`` (default ~/.cache/latentmoe)."""
+    root = Path(os.environ.get("LATENTMOE_CACHE", Path.home() / ".cache" / "latentmoe"))
+    path = root / f"tiny-seed{seed}"
+    if not (path / "config.json").exists() or not (path / "tokenizer.json").exists():
+        tmp = root / f".tiny-seed{seed}.{os.getpid()}"
+        make_tiny(tmp, seed=seed)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process wrote it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
