@@ -12,12 +12,14 @@ Legend: T tokens in the step, Bd decode rows, H heads, R kv_lora_rank, P rope di
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
 
 from latentmoe.cluster.latent_cache import LatentCache
-from latentmoe.model.deepseek_v2 import DeepseekV2ForCausalLM, RoutedFn
+from latentmoe.kernels import set_kernels
+from latentmoe.model.deepseek_v2 import MLA, DeepseekV2ForCausalLM, RoutedFn
 
 
 @dataclass
@@ -74,12 +76,7 @@ class ModelRunner:
         self.config = model.config
         self.prefill_absorbed = prefill_absorbed
         self.device = cache.kv.device
-        from latentmoe.kernels import fused_moe, mla_decode
-
-        self.mla_decode = mla_decode.mla_decode if use_triton else mla_decode.mla_decode_ref
-        for layer in model.model.layers:
-            if layer.is_moe:
-                layer.mlp.experts.moe_impl = fused_moe.fused_moe if use_triton else fused_moe.fused_moe_ref
+        set_kernels(model, use_triton)
 
     @torch.no_grad()
     def execute(self, chunks, routed_fn: RoutedFn | None = None) -> torch.Tensor:
@@ -88,23 +85,30 @@ class ModelRunner:
         model = self.model
         cos, sin = model.rotary(inputs.positions)  # [T, P/2]
         x = model.model.embed_tokens(inputs.token_ids)  # [T, D]
+        attend_fn = functools.partial(self._attend, inputs)
         for layer in model.model.layers:
-            attn = layer.self_attn
-            q_nope, q_pe, c_kv, k_pe = attn.project(layer.input_layernorm(x), cos, sin)
-            self.cache.write(layer.layer_idx, inputs.slots, c_kv, k_pe)
-            out = torch.empty_like(x)
-            if len(inputs.decode_rows):
-                rows = inputs.decode_rows
-                o_latent = self.mla_decode(
-                    attn.absorb_query(q_nope[rows]), q_pe[rows], self.cache.kv[layer.layer_idx],
-                    inputs.decode_block_tables, inputs.decode_seq_lens, attn.softmax_scale)  # [Bd, H, R]
-                out[rows] = attn.output_from_latent(o_latent)
-            for row, n, start, table in inputs.prefill:
-                cached_c_kv, cached_k_pe = self.cache.gather(layer.layer_idx, table, start + n)
-                # query i (position start+i) sees keys 0..start+i
-                mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(diagonal=start)
-                attend = attn.attend_absorbed if self.prefill_absorbed else attn.attend_naive
-                out[row : row + n] = attend(q_nope[row : row + n], q_pe[row : row + n], cached_c_kv, cached_k_pe, mask)
-            x = layer.ffn(x + out, routed_fn)
+            x = layer(x, cos, sin, attend_fn, routed_fn)
         h = model.model.norm(x[inputs.sample_rows])
         return model.lm_head(h).float()
+
+    def _attend(self, inputs: StepInputs, attn: MLA, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:
+        """One layer's attention for the step's tokens (``q_* [T, H, *]``, latents ``[T, *]``) -> ``[T, D]``.
+
+        The tokens' latents go into the cache first; decode rows attend through their block tables, prefill
+        chunks over their sequence's cached latents.
+        """
+        self.cache.write(attn.layer_idx, inputs.slots, c_kv, k_pe)
+        out = q_nope.new_empty(q_nope.shape[0], attn.o_proj.out_features)  # [T, D]
+        if len(inputs.decode_rows):
+            rows = inputs.decode_rows
+            o_latent = attn.decode_impl(
+                attn.absorb_query(q_nope[rows]), q_pe[rows], self.cache.kv[attn.layer_idx],
+                inputs.decode_block_tables, inputs.decode_seq_lens, attn.softmax_scale)  # [Bd, H, R]
+            out[rows] = attn.output_from_latent(o_latent)
+        attend = attn.attend_absorbed if self.prefill_absorbed else attn.attend_naive
+        for row, n, start, table in inputs.prefill:
+            cached_c_kv, cached_k_pe = self.cache.gather(attn.layer_idx, table, start + n)
+            # query i (position start+i) sees keys 0..start+i
+            mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(diagonal=start)
+            out[row : row + n] = attend(q_nope[row : row + n], q_pe[row : row + n], cached_c_kv, cached_k_pe, mask)
+        return out

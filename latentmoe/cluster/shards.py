@@ -22,7 +22,7 @@ from latentmoe.cluster.engine import LLMEngine, RequestOutput
 from latentmoe.cluster.engine_config import EngineConfig
 from latentmoe.cluster.placement import ExpertPlacement
 from latentmoe.cluster.sampling_params import SamplingParams
-from latentmoe.kernels import use_triton
+from latentmoe.kernels import set_kernels, use_triton
 from latentmoe.model.loader import load_model, resolve_dtype
 
 
@@ -146,11 +146,7 @@ class ExpertShard:
                                 device=self.device)
         self.config = self.model.config
         self.moe_layers = [layer.mlp.experts for layer in self.model.model.layers if layer.is_moe]
-        if use_triton(config.kernels, self.device):
-            from latentmoe.kernels.fused_moe import fused_moe
-
-            for experts in self.moe_layers:
-                experts.moe_impl = fused_moe
+        set_kernels(self.model, use_triton(config.kernels, self.device))
         self.comm: Communicator | None = None
         self.num_rows = 0
 

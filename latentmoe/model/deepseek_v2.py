@@ -7,7 +7,9 @@ maps the Hub's one-tensor-per-expert names onto them.
 The MoE layer can be split the way the cluster splits it: ``gate`` (route tokens), then
 ``experts`` (run a given set of experts on given tokens, partial sums), then combine with the
 shared experts. ``DeepseekV2ForCausalLM.forward`` takes an optional ``routed_fn`` so the routed
-part can run elsewhere.
+part can run elsewhere. ``DecoderLayer.forward`` is the one block; it takes the attention
+itself as a callable (``AttendFn``): the whole model attends over the sequence in hand, the
+engine's model runner over its paged latent cache.
 
 Legend: B batch, T query tokens, S key tokens, D hidden, H heads, R kv_lora_rank,
 P qk_rope_head_dim, N qk_nope_head_dim, V v_head_dim, E experts, K experts per token.
@@ -21,12 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from latentmoe.kernels.fused_moe import fused_moe_ref
+from latentmoe.kernels.reference import fused_moe_ref, mla_decode_ref
 from latentmoe.model.config import ModelConfig
 from latentmoe.model.rope import RotaryEmbedding, apply_rope
 
 # routed_fn(layer_idx, h [T, D], topk_ids [T, K], topk_weights [T, K]) -> weighted sum of routed experts [T, D]
 RoutedFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# attend_fn(attn, q_nope [.., T, H, N], q_pe [.., T, H, P], c_kv [.., T, R], k_pe [.., T, P]) -> output [.., T, D]:
+# the attention of layer ``attn.layer_idx`` for these tokens (keys: these tokens' latents and any cached ones)
+AttendFn = Callable[["MLA", torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class RMSNorm(nn.Module):
@@ -44,9 +49,11 @@ class RMSNorm(nn.Module):
 class MLA(nn.Module):
     """Multi-head latent attention. Only ``[c_kv | k_pe]`` (R + P values per token) needs caching."""
 
-    def __init__(self, config: ModelConfig):
+    def __init__(self, config: ModelConfig, layer_idx: int = 0):
         super().__init__()
         c = config
+        self.layer_idx = layer_idx
+        self.decode_impl = mla_decode_ref  # decode over the paged cache; kernels.set_kernels swaps in Triton
         self.num_heads, self.kv_lora_rank = c.num_attention_heads, c.kv_lora_rank
         self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
         self.softmax_scale = c.softmax_scale
@@ -167,7 +174,7 @@ class RoutedExperts(nn.Module):
         local = torch.full((n,), -1, dtype=torch.long)
         local[self.expert_ids] = torch.arange(E)
         self.register_buffer("local_index", local, persistent=False)  # global id -> slot, -1 if not here
-        self.moe_impl = fused_moe_ref  # the engine swaps in the Triton kernel on GPUs
+        self.moe_impl = fused_moe_ref  # kernels.set_kernels swaps in the Triton kernel on GPUs
 
     def forward(self, h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         """Partial sum over the held experts: ``h [T, D]``, global ``topk_ids [T, K]`` -> [T, D]."""
@@ -201,9 +208,16 @@ class DecoderLayer(nn.Module):
         self.layer_idx = layer_idx
         self.is_moe = config.is_moe_layer(layer_idx)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = MLA(config)
+        self.self_attn = MLA(config, layer_idx)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MoE(config, expert_ids) if self.is_moe else MLP(config.hidden_size, config.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attend_fn: AttendFn,
+                routed_fn: RoutedFn | None = None) -> torch.Tensor:
+        """The block on ``x [..., T, D]`` (``cos``/``sin`` of its positions): attention, then the feed-forward."""
+        q_nope, q_pe, c_kv, k_pe = self.self_attn.project(self.input_layernorm(x), cos, sin)
+        x = x + attend_fn(self.self_attn, q_nope, q_pe, c_kv, k_pe)
+        return self.ffn(x.flatten(0, -2), routed_fn).view_as(x)
 
     def ffn(self, x: torch.Tensor, routed_fn: RoutedFn | None = None) -> torch.Tensor:
         """Residual feed-forward on ``x [T, D]``."""
@@ -239,12 +253,12 @@ class DeepseekV2ForCausalLM(nn.Module):
         positions = torch.arange(T, device=input_ids.device)
         cos, sin = self.rotary(positions)  # [T, P/2]
         mask = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()
+
+        def attend_fn(attn: MLA, q_nope, q_pe, c_kv, k_pe):  # [B, T, ...] -> [B, T, D], over the T tokens
+            attend = attn.attend_absorbed if self.absorbed else attn.attend_naive
+            return torch.stack([attend(q_nope[b], q_pe[b], c_kv[b], k_pe[b], mask) for b in range(B)])
+
         x = self.model.embed_tokens(input_ids)  # [B, T, D]
         for layer in self.model.layers:
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q_nope, q_pe, c_kv, k_pe = attn.project(h, cos, sin)
-            attend = attn.attend_absorbed if self.absorbed else attn.attend_naive
-            x = x + torch.stack([attend(q_nope[b], q_pe[b], c_kv[b], k_pe[b], mask) for b in range(B)])
-            x = layer.ffn(x.flatten(0, 1), routed_fn).view(B, T, -1)
+            x = layer(x, cos, sin, attend_fn, routed_fn)
         return self.lm_head(self.model.norm(x)).float()

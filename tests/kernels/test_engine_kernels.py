@@ -17,7 +17,9 @@ def test_kernels_give_the_reference_tokens(tiny_dir, setup):
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     reference = LLM(model=str(tiny_dir), kernels="torch", **setup)
     kernels = LLM(model=str(tiny_dir), kernels="triton", **setup)
-    assert kernels.engine.runner.mla_decode.__name__ == "mla_decode"  # really the Triton launcher
+    layers = kernels.engine.model.model.layers  # really the Triton launchers
+    assert {layer.self_attn.decode_impl.__name__ for layer in layers} == {"mla_decode"}
+    assert {layer.mlp.experts.moe_impl.__name__ for layer in layers if layer.is_moe} == {"fused_moe"}
     expected = [o.token_ids for o in reference.generate(prompts, params)]
     assert [o.token_ids for o in kernels.generate(prompts, params)] == expected
 
