@@ -1,10 +1,14 @@
 """The model configuration, read from a checkpoint's ``config.json``.
 
 Field names are Hugging Face's, so the dataclass can be held against any published
-DeepSeek-V2 config. Both forms that exist are accepted: the Hub form
-(``rope_theta`` + ``rope_scaling: {type: yarn, ...}``) and the transformers >= 5 form
-(``rope_parameters: {rope_type: yarn, rope_theta, ...}``). Settings we do not
-implement are rejected with a message that names them.
+DeepSeek-V2 or DeepSeek-V3-family config (``model_type`` ``deepseek_v2``, ``deepseek_v3``,
+or ``kimi_k2``, which is DeepSeek-V3's architecture under Moonshot's name). Both forms that
+exist are accepted: the Hub form (``rope_theta`` + ``rope_scaling: {type: yarn, ...}``) and
+the transformers >= 5 form (``rope_parameters: {rope_type: yarn, rope_theta, ...}``; for V3
+it drops ``scoring_func`` and ``topk_method``, which then take V3's values). DeepSeek's FP8
+checkpoints (``quantization_config: {quant_method: fp8, weight_block_size: [128, 128]}``)
+are accepted and dequantized at load. Settings we do not implement are rejected with a
+message that names them.
 """
 
 from __future__ import annotations
@@ -21,11 +25,16 @@ _IGNORED_KEYS = {
     "architectures", "auto_map", "model_type", "transformers_version", "torch_dtype", "dtype",
     "use_cache", "initializer_range", "attention_dropout", "aux_loss_alpha", "seq_aux",
     "output_router_logits", "router_aux_loss_coef", "pretraining_tp", "pad_token_id",
-    "_name_or_path", "head_dim", "qk_head_dim", "ep_size", "num_nextn_predict_layers",
+    "_name_or_path", "head_dim", "qk_head_dim", "ep_size",
     "output_attentions", "output_hidden_states", "return_dict", "is_encoder_decoder",
     "tie_encoder_decoder", "chunk_size_feed_forward", "id2label", "label2id",
     "problem_type", "tokenizer_class", "generation_config",
 }
+
+MODEL_TYPES = ("deepseek_v2", "deepseek_v3", "kimi_k2")
+_V3_TYPES = ("deepseek_v3", "kimi_k2")
+# DeepSeek's FP8 checkpoints: only the weights are quantized here ("dynamic" activations are a GPU matter).
+_QUANT_KEYS = {"quant_method", "weight_block_size", "activation_scheme", "fmt"}
 
 _ROPE_KEYS = {
     "type", "rope_type", "rope_theta", "factor", "original_max_position_embeddings",
@@ -81,8 +90,9 @@ class RopeConfig:
 
 @dataclass
 class ModelConfig:
-    """DeepSeek-V2 architecture (HF field names). Defaults are DeepSeek-V2-Lite's where HF has none."""
+    """DeepSeek-V2/V3 architecture (HF field names). Defaults are DeepSeek-V2-Lite's where HF has none."""
 
+    model_type: str = "deepseek_v2"
     vocab_size: int = 102400
     hidden_size: int = 2048
     intermediate_size: int = 10944
@@ -107,7 +117,10 @@ class ModelConfig:
     topk_group: int | None = None
     routed_scaling_factor: float = 1.0
     norm_topk_prob: bool = False
-    scoring_func: str = "softmax"
+    scoring_func: str = "softmax"  # "softmax" (V2) | "sigmoid" (V3, with noaux_tc)
+    # DeepSeek-V3: multi-token-prediction layers after the last layer (in the checkpoint, not served)
+    num_nextn_predict_layers: int = 0
+    quantization_config: dict | None = None  # DeepSeek's block FP8, dequantized at load
     # the rest
     hidden_act: str = "silu"
     rms_norm_eps: float = 1e-6
@@ -142,16 +155,23 @@ class ModelConfig:
             raise ValueError("unsupported attention_bias: true (DeepSeek-V2 has no attention biases)")
         if self.mlp_bias:
             raise ValueError("unsupported mlp_bias: true (DeepSeek-V2 has no MLP biases)")
-        if self.scoring_func != "softmax":
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {self.model_type!r}: latentmoe serves {', '.join(MODEL_TYPES)}")
+        if self.scoring_func not in ("softmax", "sigmoid"):
+            raise ValueError(f"unsupported scoring_func {self.scoring_func!r}: latentmoe implements 'softmax' "
+                             "(DeepSeek-V2) and 'sigmoid' (DeepSeek-V3)")
+        if self.topk_method not in ("greedy", "group_limited_greedy", "noaux_tc"):
+            raise ValueError(f"unsupported topk_method {self.topk_method!r}: latentmoe implements 'greedy', "
+                             "'group_limited_greedy' (DeepSeek-V2) and 'noaux_tc' (DeepSeek-V3)")
+        if (self.scoring_func == "sigmoid") != (self.topk_method == "noaux_tc"):
             raise ValueError(
-                f"unsupported scoring_func {self.scoring_func!r}: latentmoe implements DeepSeek-V2's 'softmax' gate "
-                "(sigmoid scoring is DeepSeek-V3's)"
-            )
-        if self.topk_method not in ("greedy", "group_limited_greedy"):
-            raise ValueError(
-                f"unsupported topk_method {self.topk_method!r}: latentmoe implements 'greedy' and "
-                "'group_limited_greedy' (noaux_tc is DeepSeek-V3's)"
-            )
+                f"unsupported scoring_func {self.scoring_func!r} with topk_method {self.topk_method!r}: latentmoe "
+                "implements softmax with greedy / group_limited_greedy (DeepSeek-V2) and sigmoid with noaux_tc "
+                "(DeepSeek-V3)")
+        if not isinstance(self.num_nextn_predict_layers, int) or self.num_nextn_predict_layers < 0:
+            raise ValueError(f"num_nextn_predict_layers must be a non-negative integer, "
+                             f"got {self.num_nextn_predict_layers!r}")
+        self._check_quantization()
         if self.n_routed_experts is None:
             # A dense model: every layer has the dense MLP.
             self.first_k_dense_replace = self.num_hidden_layers
@@ -165,12 +185,17 @@ class ModelConfig:
             raise ValueError(f"moe_layer_freq must be >= 1, got {self.moe_layer_freq}")
         if not 0 <= self.first_k_dense_replace <= self.num_hidden_layers:
             raise ValueError(f"first_k_dense_replace={self.first_k_dense_replace} is outside [0, num_hidden_layers]")
-        if self.topk_method == "group_limited_greedy":
+        if self.topk_method == "noaux_tc" and self.n_group is None:
+            self.n_group, self.topk_group = 1, self.topk_group or 1
+        if self.topk_method in ("group_limited_greedy", "noaux_tc"):
             if not self.n_group or self.n_routed_experts % self.n_group:
                 raise ValueError(
-                    f"group_limited_greedy needs n_group dividing n_routed_experts={self.n_routed_experts}, "
+                    f"{self.topk_method} needs n_group dividing n_routed_experts={self.n_routed_experts}, "
                     f"got n_group={self.n_group}"
                 )
+            if self.topk_method == "noaux_tc" and self.experts_per_group < 2:
+                raise ValueError(f"noaux_tc ranks groups by their two best experts: n_group={self.n_group} leaves "
+                                 f"{self.experts_per_group} expert per group")
             if not self.topk_group or not 0 < self.topk_group <= self.n_group:
                 raise ValueError(f"topk_group must be in [1, n_group={self.n_group}], got {self.topk_group}")
             if self.topk_group * self.experts_per_group < self.num_experts_per_tok:
@@ -179,7 +204,49 @@ class ModelConfig:
                     f"num_experts_per_tok={self.num_experts_per_tok}"
                 )
 
+    def _check_quantization(self) -> None:
+        q = self.quantization_config
+        if q is None:
+            return
+        if not isinstance(q, dict):
+            raise ValueError(f"quantization_config must be a mapping, got {q!r}")
+        unknown = sorted(set(q) - _QUANT_KEYS)
+        if unknown:
+            raise ValueError(f"unsupported quantization_config key(s) {unknown}")
+        if q.get("quant_method") != "fp8":
+            raise ValueError(f"unsupported quantization_config quant_method {q.get('quant_method')!r}: latentmoe "
+                             "loads DeepSeek's block FP8 ('fp8')")
+        block = q.get("weight_block_size")
+        if (not isinstance(block, (list, tuple)) or len(block) != 2
+                or not all(isinstance(b, int) and not isinstance(b, bool) and b > 0 for b in block)):
+            raise ValueError(f"quantization_config weight_block_size must be two positive integers "
+                             f"(DeepSeek's: [128, 128]), got {block!r}")
+        if q.get("fmt", "e4m3") != "e4m3":
+            raise ValueError(f"unsupported quantization_config fmt {q['fmt']!r}: latentmoe reads float8 e4m3")
+        if q.get("activation_scheme", "dynamic") != "dynamic":
+            raise ValueError(f"unsupported quantization_config activation_scheme {q['activation_scheme']!r}: "
+                             "DeepSeek's checkpoints use 'dynamic'")
+
     # ---- derived ------------------------------------------------------------------------------------------------
+
+    @property
+    def is_v3(self) -> bool:
+        """DeepSeek-V3's architecture (V3, R1, Kimi-K2, Moonlight)."""
+        return self.model_type in _V3_TYPES
+
+    @property
+    def fp8_block_size(self) -> tuple[int, int] | None:
+        """``(rows, cols)`` of a weight's FP8 scale block, when the checkpoint is DeepSeek's FP8."""
+        if self.quantization_config is None:
+            return None
+        rows, cols = self.quantization_config["weight_block_size"]
+        return rows, cols
+
+    @property
+    def group_limited(self) -> bool:
+        """Tokens choose experts within ``topk_group`` of ``n_group`` groups (so whole groups per device bound
+        the devices a token reaches). False for plain greedy routing and for a single group."""
+        return self.topk_method in ("group_limited_greedy", "noaux_tc") and (self.n_group or 1) > 1
 
     @property
     def qk_head_dim(self) -> int:
@@ -231,10 +298,16 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
         d = dict(d)
-        if d.get("model_type", "deepseek_v2") != "deepseek_v2":
-            raise ValueError(f"unsupported model_type {d['model_type']!r}: latentmoe serves 'deepseek_v2'")
-        if d.get("quantization_config") is not None:
-            raise ValueError("unsupported quantization_config: latentmoe loads float32/bfloat16/float16 weights")
+        d.setdefault("model_type", "deepseek_v2")
+        if d["model_type"] not in MODEL_TYPES:
+            raise ValueError(f"unsupported model_type {d['model_type']!r}: latentmoe serves {', '.join(MODEL_TYPES)}")
+        if d["model_type"] in _V3_TYPES:
+            # transformers >= 5 writes V3 configs without these: its DeepseekV3 always routes this way
+            for key, value in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"), ("norm_topk_prob", True)):
+                if d.get(key) is None:
+                    d[key] = value
+        if d.pop("rope_interleave", True) is not True:
+            raise ValueError("unsupported rope_interleave: false (DeepSeek rotates interleaved pairs)")
         rope_scaling = d.pop("rope_scaling", None)
         rope_parameters = d.pop("rope_parameters", None)
         rope_theta = d.pop("rope_theta", None)
@@ -247,7 +320,8 @@ class ModelConfig:
             raise ValueError(f"unsupported config key(s) {unknown}")
         kwargs = {k: v for k, v in d.items() if k in names}
         # null in a published config means "use the default" for these
-        for key in ("moe_layer_freq", "first_k_dense_replace", "routed_scaling_factor", "norm_topk_prob"):
+        for key in ("moe_layer_freq", "first_k_dense_replace", "routed_scaling_factor", "norm_topk_prob",
+                    "num_nextn_predict_layers"):
             if key in kwargs and kwargs[key] is None:
                 del kwargs[key]
         return cls(rope=rope, **kwargs)
@@ -263,8 +337,11 @@ class ModelConfig:
     def to_hub_dict(self) -> dict[str, Any]:
         """The Hub form of ``config.json`` (``rope_scaling`` with ``type``), as published checkpoints have it."""
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rope"}
-        d["model_type"] = "deepseek_v2"
-        d["architectures"] = ["DeepseekV2ForCausalLM"]
+        d["architectures"] = ["DeepseekV3ForCausalLM" if self.is_v3 else "DeepseekV2ForCausalLM"]
+        if self.quantization_config is None:
+            del d["quantization_config"]
+        if not self.is_v3 and not self.num_nextn_predict_layers:
+            del d["num_nextn_predict_layers"]
         d["rope_theta"] = self.rope.rope_theta
         if self.rope.rope_type == "yarn":
             r = self.rope

@@ -1,4 +1,7 @@
-"""DeepSeek-V2 in pure PyTorch, top to bottom: norm, MLA, MLP, gate, routed experts, MoE, block, model.
+"""DeepSeek-V2 and V3 in pure PyTorch, top to bottom: norm, MLA, MLP, gate, routed experts, MoE, block, model.
+
+V3 (and R1, Kimi-K2, Moonlight) is V2's architecture with another router (``Gate``: sigmoid scores and
+``noaux_tc``); one model class serves both.
 
 Parameter names follow the Hugging Face checkpoints (``model.layers.N.self_attn.kv_b_proj.weight``),
 except that routed experts are stacked per layer (``w13 [E, 2I, D]``, ``w2 [E, D, I]``); the loader
@@ -132,7 +135,13 @@ class MLP(nn.Module):
 
 
 class Gate(nn.Module):
-    """Softmax over all routed experts, then greedy or group-limited (device-limited) top-k."""
+    """Chooses ``num_experts_per_tok`` routed experts per token, and their weights.
+
+    DeepSeek-V2 (``softmax``): softmax over all experts, then greedy or group-limited top-k (groups ranked by
+    their best score). DeepSeek-V3 (``sigmoid`` + ``noaux_tc``): sigmoid scores, ``e_score_correction_bias``
+    added for choosing only (groups ranked by the sum of their two best biased scores), weights the unbiased
+    scores. Either way the chosen experts lie in ``topk_group`` groups when there are groups.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -142,15 +151,17 @@ class Gate(nn.Module):
         self.n_group, self.topk_group = config.n_group, config.topk_group
         self.routed_scaling_factor = config.routed_scaling_factor
         self.norm_topk_prob = config.norm_topk_prob
+        if self.topk_method == "noaux_tc":  # a checkpoint tensor (float32), learnt by the aux-loss-free balancing
+            self.e_score_correction_bias = nn.Parameter(torch.zeros(config.n_routed_experts), requires_grad=False)
 
     def forward(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``h [T, D]`` -> ``topk_weights [T, K]`` (float32), ``topk_ids [T, K]`` (int64, global expert ids)."""
-        scores = F.linear(h.float(), self.weight.float()).softmax(dim=-1)  # [T, E]
+        logits = F.linear(h.float(), self.weight.float())  # [T, E]
+        if self.topk_method == "noaux_tc":
+            return self._noaux_tc(logits)
+        scores = logits.softmax(dim=-1)  # [T, E]
         if self.topk_method == "group_limited_greedy":
-            grouped = scores.unflatten(-1, (self.n_group, -1))  # [T, G, E/G]
-            group_ids = grouped.amax(dim=-1).topk(self.topk_group, dim=-1).indices  # [T, M]
-            keep = torch.zeros_like(grouped[..., 0], dtype=torch.bool).scatter_(1, group_ids, True)  # [T, G]
-            scores = grouped.masked_fill(~keep[..., None], 0.0).flatten(-2)
+            scores = self._keep_groups(scores, scores.unflatten(-1, (self.n_group, -1)).amax(dim=-1), 0.0)
         topk_weights, topk_ids = scores.topk(self.top_k, dim=-1)
         # DeepSeek-V2's rule: renormalise (and then no scaling factor), or scale.
         if self.top_k > 1 and self.norm_topk_prob:
@@ -158,6 +169,28 @@ class Gate(nn.Module):
         else:
             topk_weights = topk_weights * self.routed_scaling_factor
         return topk_weights, topk_ids
+
+    def _noaux_tc(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """DeepSeek-V3's routing on ``logits [T, E]``."""
+        scores = logits.sigmoid()  # [T, E]
+        choice = scores + self.e_score_correction_bias.float()  # [T, E] biased: for choosing only
+        if self.n_group > 1:
+            two_best = choice.unflatten(-1, (self.n_group, -1)).topk(2, dim=-1).values.sum(dim=-1)  # [T, G]
+            choice = self._keep_groups(choice, two_best, float("-inf"))
+        topk_ids = choice.topk(self.top_k, dim=-1).indices  # [T, K]
+        topk_weights = scores.gather(1, topk_ids)  # the unbiased scores
+        # DeepSeek-V3's rule: renormalise when asked, then always scale.
+        if self.top_k > 1 and self.norm_topk_prob:
+            topk_weights = topk_weights / (topk_weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return topk_weights * self.routed_scaling_factor, topk_ids
+
+    def _keep_groups(self, scores: torch.Tensor, group_scores: torch.Tensor, fill: float) -> torch.Tensor:
+        """``scores [T, E]`` with every group outside the ``topk_group`` best (by ``group_scores [T, G]``) set to
+        ``fill``."""
+        group_ids = group_scores.topk(self.topk_group, dim=-1).indices  # [T, M]
+        keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, group_ids, True)  # [T, G]
+        grouped = scores.unflatten(-1, (self.n_group, -1))  # [T, G, E/G]
+        return grouped.masked_fill(~keep[..., None], fill).flatten(-2)
 
 
 class RoutedExperts(nn.Module):

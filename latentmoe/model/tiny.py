@@ -1,14 +1,17 @@
-"""The built-in tiny model: a DeepSeek-V2-architecture checkpoint with random weights.
+"""The built-in tiny models: DeepSeek-V2- and V3-architecture checkpoints with random weights.
 
-It has every feature of the architecture (q_lora, YaRN, a dense first layer,
-group-limited routing, shared experts) at a size a CPU answers in milliseconds,
-and is written in the Hub format, so everything that loads it would load a real
-checkpoint the same way. ``--config`` builds random checkpoints of any shape
-(the published DeepSeek-V2 / V2-Lite configs ship in ``configs/``).
+``TINY_CONFIG`` has every feature of V2 (q_lora, YaRN, a dense first layer,
+group-limited routing, shared experts), ``TINY_V3_CONFIG`` those of V3 (sigmoid
+``noaux_tc`` routing over groups with ``e_score_correction_bias``, a multi-token-prediction
+layer in the checkpoint), at a size a CPU answers in milliseconds. Both are written in the
+Hub format (and V3 in DeepSeek's FP8 on request), so everything that loads them would load
+a real checkpoint the same way. ``--config`` builds random checkpoints of any shape: the
+published DeepSeek-V2, V2-Lite, V3, Kimi-K2 and Moonlight configs ship in ``configs/``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -58,10 +61,40 @@ TINY_CONFIG = {
 }
 
 
+# DeepSeek-V3's architecture, small: 4 groups of 4 experts, top-2 groups, top-4 experts, sigmoid + bias.
+TINY_V3_CONFIG = {
+    **{k: v for k, v in TINY_CONFIG.items() if k != "rope_scaling"},
+    "model_type": "deepseek_v3",
+    "hidden_size": 160,  # so FP8 weights span whole and partial 128 x 128 blocks
+    "topk_method": "noaux_tc",
+    "scoring_func": "sigmoid",
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5,
+    "n_shared_experts": 1,
+    "num_nextn_predict_layers": 1,
+    "rope_scaling": {
+        "type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0,
+    },
+}
+
+TINY_CONFIGS = {"tiny": TINY_CONFIG, "tiny-v3": TINY_V3_CONFIG}
+PUBLISHED = ("deepseek-v2", "deepseek-v2-lite", "deepseek-v3", "kimi-k2", "moonlight")
+
+
 def published_config(name: str) -> dict:
-    """``deepseek-v2`` or ``deepseek-v2-lite``: the published config.json, as shipped in ``configs/``."""
+    """A published config.json, as shipped in ``configs/``: one of ``PUBLISHED``."""
+    if name not in PUBLISHED:
+        raise ValueError(f"unknown published config {name!r}: choose one of {', '.join(PUBLISHED)}")
     text = resources.files("latentmoe.model").joinpath("configs", f"{name}.json").read_text()
     return json.loads(text)
+
+
+def named_config(name: str) -> dict:
+    """``tiny``, ``tiny-v3`` or a published config's name."""
+    if name in TINY_CONFIGS:
+        return dict(TINY_CONFIGS[name])
+    return published_config(name)
 
 
 @torch.no_grad()
@@ -74,6 +107,8 @@ def init_random(model: torch.nn.Module, seed: int) -> None:
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float32)
         if name.endswith("norm.weight"):
             value = 1.0 + 0.1 * noise
+        elif name.endswith("e_score_correction_bias"):
+            value = 0.5 * noise  # about the spread of the sigmoid scores: it changes which experts are chosen
         elif "embed_tokens" in name:
             value = noise
         else:
@@ -84,8 +119,14 @@ def init_random(model: torch.nn.Module, seed: int) -> None:
 
 
 def make_tiny(out_dir: str | Path, seed: int = 0, config: dict | None = None,
-              dtype: torch.dtype = torch.float32, max_shard_bytes: int | None = None) -> Path:
-    """Write a random-weight checkpoint (config, safetensors, tokenizer) to ``out_dir``."""
+              dtype: torch.dtype = torch.float32, max_shard_bytes: int | None = None, *,
+              fp8_block_size: tuple[int, int] | None = None) -> Path:
+    """Write a random-weight checkpoint (config, safetensors, tokenizer) to ``out_dir``.
+
+    ``fp8_block_size`` (DeepSeek's: ``(128, 128)``) writes the linear weights in DeepSeek's block FP8. A config
+    with ``num_nextn_predict_layers`` gets random multi-token-prediction layers too, as DeepSeek-V3's
+    checkpoints have them (loaders skip them).
+    """
     from latentmoe.model.tiny_tokenizer import write_tiny_tokenizer
 
     cfg = ModelConfig.from_dict(config or TINY_CONFIG)
@@ -93,9 +134,56 @@ def make_tiny(out_dir: str | Path, seed: int = 0, config: dict | None = None,
     init_random(model, seed)
     model.to(dtype)
     out_dir = Path(out_dir)
-    save_checkpoint(model, out_dir, max_shard_bytes=max_shard_bytes)
+    save_checkpoint(model, out_dir, max_shard_bytes=max_shard_bytes, fp8_block_size=fp8_block_size)
+    if cfg.num_nextn_predict_layers:
+        write_mtp_layers(out_dir, cfg, seed, dtype, fp8_block_size)
     write_tiny_tokenizer(out_dir)
     return out_dir
+
+
+@torch.no_grad()
+def write_mtp_layers(out_dir: Path, cfg: ModelConfig, seed: int, dtype: torch.dtype,
+                     fp8_block_size: tuple[int, int] | None = None) -> None:
+    """Add DeepSeek-V3's multi-token-prediction layers to a written checkpoint, in a file of their own (as the
+    published checkpoints do): a whole decoder layer plus ``enorm``, ``hnorm``, ``eh_proj``, ``shared_head``."""
+    from safetensors.torch import save_file
+
+    from latentmoe.model import fp8
+    from latentmoe.model.loader import iter_hub_tensors
+
+    gen = torch.Generator().manual_seed(seed + 1)
+    D, L = cfg.hidden_size, cfg.num_hidden_layers
+    block = build_model(dataclasses.replace(cfg, num_hidden_layers=1, first_k_dense_replace=0,
+                                            num_nextn_predict_layers=0), dtype=torch.float32)
+    init_random(block, seed + 1)
+    tensors = {}
+    for i in range(cfg.num_nextn_predict_layers):
+        prefix = f"model.layers.{L + i}."
+        extra = {"enorm.weight": torch.ones(D), "hnorm.weight": torch.ones(D),
+                 "eh_proj.weight": torch.randn(D, 2 * D, generator=gen) / (2 * D) ** 0.5,
+                 "shared_head.norm.weight": torch.ones(D),
+                 "shared_head.head.weight": torch.randn(cfg.vocab_size, D, generator=gen) / D ** 0.5,
+                 "embed_tokens.weight": torch.randn(cfg.vocab_size, D, generator=gen)}
+        layer = {n.removeprefix("model.layers.0."): t for n, t in iter_hub_tensors(block)
+                 if n.startswith("model.layers.0.")}
+        for name, t in (layer | extra).items():
+            t = t.to(dtype)
+            if fp8_block_size is not None and fp8.is_quantized_name(name):
+                t, scale = fp8.quantize(t, fp8_block_size)
+                tensors[prefix + name + fp8.SCALE_SUFFIX] = scale
+            tensors[prefix + name] = t.contiguous().clone()
+    file = "model-mtp.safetensors"
+    save_file(tensors, out_dir / file, metadata={"format": "pt"})
+    index = out_dir / "model.safetensors.index.json"
+    if index.exists():
+        data = json.loads(index.read_text())
+    else:  # one file so far: index both
+        from safetensors import safe_open
+
+        with safe_open(out_dir / "model.safetensors", framework="pt") as f:
+            data = {"metadata": {}, "weight_map": {n: "model.safetensors" for n in f.keys()}}
+    data["weight_map"].update({n: file for n in tensors})
+    index.write_text(json.dumps(data, indent=2))
 
 
 def default_model_dir(seed: int = 0) -> Path:
