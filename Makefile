@@ -28,7 +28,10 @@ demo: $(BIN)/.installed
 	$(BIN)/latentmoe generate --prompt "The experts of a mixture" --max-tokens 32 \
 		--attention-shards 1 --expert-shards 2; status=$$?; $(BIN)/latentmoe cluster stop; exit $$status
 
+# The system packages the tests need (sshd, rsync, chromium, prometheus): installed when root with apt-get,
+# otherwise scripts/setup-system.sh prints the command to run.
 test: $(BIN)/.installed
+	scripts/setup-system.sh
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 clean:

@@ -17,18 +17,26 @@ def make_tiny_cmd(
     out_dir: Path = typer.Argument(..., help="Directory to write the checkpoint to."),
     seed: int = typer.Option(0, help="Random seed: the same seed writes the same bytes."),
     config: Optional[str] = typer.Option(
-        None, help="'deepseek-v2', 'deepseek-v2-lite' or a config.json path (random weights of that shape)."),
+        None, help="'tiny' (the default), 'tiny-v3' (DeepSeek-V3's architecture, small), a published config "
+                   "('deepseek-v2', 'deepseek-v2-lite', 'deepseek-v3', 'kimi-k2', 'moonlight': full size) or a "
+                   "config.json path (random weights of that shape)."),
     dtype: str = typer.Option("float32", help="float32, bfloat16 or float16."),
     max_shard_size: Optional[int] = typer.Option(None, help="Shard the safetensors at this many bytes."),
+    fp8: bool = typer.Option(False, "--fp8", help="Write the linear weights in DeepSeek's FP8 (float8_e4m3fn, "
+                                                  "one scale per 128x128 block), as DeepSeek-V3 and Kimi-K2 ship."),
 ):
-    """Write a random-weight DeepSeek-V2-architecture checkpoint in the Hugging Face format."""
+    """Write a random-weight DeepSeek-V2/V3-architecture checkpoint in the Hugging Face format."""
     from latentmoe.model.loader import resolve_dtype
-    from latentmoe.model.tiny import make_tiny, published_config
+    from latentmoe.model.tiny import make_tiny, named_config
 
     cfg = None
     if config is not None:
-        cfg = json.loads(Path(config).read_text()) if Path(config).exists() else published_config(config)
-    make_tiny(out_dir, seed=seed, config=cfg, dtype=resolve_dtype(dtype), max_shard_bytes=max_shard_size)
+        try:
+            cfg = json.loads(Path(config).read_text()) if Path(config).exists() else named_config(config)
+        except ValueError as e:
+            raise typer.BadParameter(str(e), param_hint="--config") from None
+    make_tiny(out_dir, seed=seed, config=cfg, dtype=resolve_dtype(dtype), max_shard_bytes=max_shard_size,
+              fp8_block_size=(128, 128) if fp8 else None)
     typer.echo(f"wrote {out_dir}")
 
 
@@ -112,6 +120,7 @@ def serve(
     device: str = typer.Option("cpu", help="cpu, or cuda (one GPU per shard)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster (default: the one on this machine; with "
                                               "none running, a local multi-node cluster is started and stopped)."),
+    ray_port: int = typer.Option(6379, help="GCS port of the local cluster started when none runs."),
     max_replicas: int = typer.Option(2, help="Autoscaling: most ingress replicas."),
     api_key: Optional[str] = typer.Option(None, envvar="LATENTMOE_API_KEY", show_default=False,
                                           help="Require 'Authorization: Bearer KEY' on /v1/* and on gRPC Generator "
@@ -125,21 +134,13 @@ def serve(
     from ray import serve as ray_serve
     from ray.serve.config import gRPCOptions
 
-    from latentmoe.actors.cluster import ROUTER_NAMESPACE
-    from latentmoe.actors.local_cluster import start_local_cluster, stop_local_cluster
+    from latentmoe.actors.cluster import ROUTER_NAMESPACE, ensure_ray
     from latentmoe.actors.serve_app import GRPC_SERVICERS, build_app
 
-    started_cluster = False
-    if ray_address is None:
-        try:
-            ray.init(address="auto", log_to_driver=False)
-        except ConnectionError:
-            start_local_cluster(attention_nodes=1, expert_nodes=max(1, (expert_shards + 1) // 2),
-                                shards_per_node=max(attention_shards, 2), echo=lambda m: typer.echo(m, err=True))
-            started_cluster = True
-            ray.init(address="auto", log_to_driver=False)
-    else:
-        ray.init(address=ray_address, log_to_driver=False)
+    echo = lambda m: typer.echo(m, err=True)  # noqa: E731
+    # the cluster given, or the one on this machine; with none, a local multi-node one that ends with the server
+    started_cluster = ensure_ray(ray_address, attention_shards, expert_shards, echo=echo, record=True,
+                                 port=ray_port)
     args = {"model": str(model) if model else None, "attention_shards": attention_shards,
             "expert_shards": expert_shards, "engine": {"dtype": dtype, "device": device},
             "max_replicas": max_replicas, "api_key": api_key or None}
@@ -163,8 +164,8 @@ def serve(
         except Exception as e:  # noqa: BLE001 (best effort on the way out)
             typer.echo(f"shutdown: {e!r}", err=True)
         ray.shutdown()
-        if started_cluster:
-            stop_local_cluster(echo=lambda m: typer.echo(m, err=True))
+        if started_cluster is not None:
+            started_cluster.stop(echo)
 
 
 from latentmoe.loadtest.cli import loadtest  # noqa: E402 (imports its pieces lazily)
@@ -176,28 +177,59 @@ cluster_app = typer.Typer(help="A local multi-node Ray cluster on this machine (
 app.add_typer(cluster_app, name="cluster")
 
 
+def _auth_mode_option():
+    return typer.Option(None, "--ray-auth", show_default=False,
+                        help="Ray's token authentication on every node: 'token' (the default, also when "
+                             "RAY_AUTH_MODE is unset) or 'disabled' (also RAY_AUTH_MODE=disabled).")
+
+
 @cluster_app.command("start")
 def cluster_start(
     attention_nodes: int = typer.Option(1, help="Worker nodes advertising attention_node."),
     expert_nodes: int = typer.Option(2, help="Worker nodes advertising expert_node."),
     shards_per_node: int = typer.Option(2, help="Shards each worker node can hold (its role resource)."),
-    cpus_per_node: int = typer.Option(2, help="Logical CPUs each worker node advertises."),
+    cpus_per_node: Optional[int] = typer.Option(None, help="Logical CPUs each worker node advertises "
+                                                "(default: one per shard)."),
     port: int = typer.Option(6379, help="The head node's GCS port."),
+    dashboard: bool = typer.Option(True, help="Run Ray's dashboard on the head (ray list, Prometheus discovery)."),
+    ray_auth: Optional[str] = _auth_mode_option(),
 ):
     """Start a Ray head and worker nodes on this machine, each worker advertising its role."""
     from latentmoe.actors.local_cluster import start_local_cluster
 
-    address = start_local_cluster(attention_nodes, expert_nodes, shards_per_node=shards_per_node,
-                                  cpus_per_node=cpus_per_node, port=port, echo=lambda m: typer.echo(m, err=True))
-    typer.echo(address)
+    cluster = start_local_cluster(attention_nodes, expert_nodes, shards_per_node=shards_per_node,
+                                  cpus_per_node=cpus_per_node, port=port, dashboard=dashboard, auth_mode=ray_auth,
+                                  echo=lambda m: typer.echo(m, err=True))
+    typer.echo(f"for `ray status`, `ray list actors` and other Ray clients: eval \"$(latentmoe cluster env"
+               f"{'' if port == 6379 else f' --port {port}'})\"", err=True)
+    typer.echo(cluster.address)
+
+
+@cluster_app.command("env")
+def cluster_env(port: int = typer.Option(6379, help="The head node's GCS port.")):
+    """Print the shell exports that make Ray's own tools (ray status, ray list) clients of the local cluster."""
+    import shlex
+
+    from latentmoe.actors.local_cluster import find_local_cluster
+
+    cluster = find_local_cluster(port)
+    if cluster is None:
+        typer.echo(f"no cluster started by `latentmoe cluster start` runs on port {port}", err=True)
+        raise typer.Exit(1)
+    for key, value in {**cluster.env, "RAY_ADDRESS": cluster.address}.items():
+        typer.echo(f"export {key}={shlex.quote(value)}")
 
 
 @cluster_app.command("stop")
-def cluster_stop():
-    """Stop every Ray node on this machine."""
-    from latentmoe.actors.local_cluster import stop_local_cluster
+def cluster_stop(port: int = typer.Option(6379, help="The head node's GCS port.")):
+    """Stop the cluster `latentmoe cluster start` started (only its processes; other Ray clusters go on)."""
+    from latentmoe.actors.local_cluster import find_local_cluster
 
-    stop_local_cluster()
+    cluster = find_local_cluster(port)
+    if cluster is None:
+        typer.echo(f"no cluster started by `latentmoe cluster start` runs on port {port}", err=True)
+        raise typer.Exit(1)
+    cluster.stop(echo=lambda m: typer.echo(m, err=True))
 
 
 def main() -> None:  # pragma: no cover

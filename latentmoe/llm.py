@@ -7,12 +7,16 @@
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import logging
 from typing import Sequence
 
 from latentmoe.cluster.engine import LLMEngine, RequestOutput
 from latentmoe.cluster.engine_config import EngineConfig
 from latentmoe.cluster.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class LLM:
@@ -22,7 +26,8 @@ class LLM:
         """``model``: a checkpoint directory (default: the built-in tiny model). ``engine_args``: ``EngineConfig`` fields.
 
         With ``attention_shards`` / ``expert_shards`` the engine runs disaggregated on the Ray cluster this
-        process is connected to (or the one running on this machine, or a new local one).
+        process is connected to (or the one at ``ray_address``, or the one running on this machine); with none,
+        it starts a local multi-node cluster sized for the shards and stops it on ``shutdown()`` (or at exit).
         """
         if model is None:
             from latentmoe.model.tiny import default_model_dir
@@ -31,7 +36,7 @@ class LLM:
         config = EngineConfig.from_dict({"model": str(model), "dtype": dtype, **engine_args})
         self.timeout_s = timeout_s
         self.model_dir = str(model)
-        self.engine = self.router = None
+        self.engine = self.router = self._cluster = None
         if attention_shards is None and expert_shards is None:
             self.engine = LLMEngine(config)
             return
@@ -40,9 +45,15 @@ class LLM:
         for name, value in (("attention_shards", attention_shards), ("expert_shards", expert_shards)):
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        ensure_ray(ray_address)
-        self.router, self.shard_info = start_router(dataclasses.asdict(config), attention_shards or 1,
-                                                    expert_shards or 1, timeout_s=timeout_s)
+        self._cluster = ensure_ray(ray_address, attention_shards or 1, expert_shards or 1)
+        if self._cluster is not None:
+            atexit.register(self.shutdown)
+        try:
+            self.router, self.shard_info = start_router(dataclasses.asdict(config), attention_shards or 1,
+                                                        expert_shards or 1, timeout_s=timeout_s)
+        except BaseException:
+            self.shutdown()
+            raise
 
     def generate(self, prompts: str | list[int] | Sequence[str | list[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -74,14 +85,22 @@ class LLM:
         return self._get(self.router.dispatch_stats.remote())
 
     def shutdown(self) -> None:
-        if self.router is not None:
-            import ray
+        """Stop the router and its shards, and the local cluster this ``LLM`` started, if it started one."""
+        import ray
 
-            try:
-                ray.get(self.router.shutdown.remote(), timeout=60)
-            finally:
-                ray.kill(self.router)
-                self.router = None
+        try:
+            if self.router is not None:
+                try:
+                    ray.get(self.router.shutdown.remote(), timeout=60)
+                finally:
+                    ray.kill(self.router)
+                    self.router = None
+        finally:
+            if self._cluster is not None:
+                cluster, self._cluster = self._cluster, None
+                atexit.unregister(self.shutdown)
+                ray.shutdown()
+                cluster.stop(echo=logger.info)
 
     def _get(self, ref):
         import ray

@@ -3,28 +3,56 @@
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import ray
 
+from latentmoe.actors.local_cluster import (DEFAULT_PORT, LocalCluster, cluster_shape, find_local_cluster,
+                                            running_ray_address, start_local_cluster, use_ray_auth)
 from latentmoe.actors.names import ROUTER_NAMESPACE
 from latentmoe.actors.router import RouterActor
 
 logger = logging.getLogger(__name__)
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Use the Ray cluster this process is connected to, else the one at ``address`` (default: the one
-    running on this machine, as ``latentmoe cluster start`` or ``ray start`` leaves it), else a new local one."""
+def ensure_ray(address: str | None = None, attention_shards: int = 1, expert_shards: int = 1, *,
+               echo: Callable[[str], None] | None = None, record: bool = False,
+               port: int = DEFAULT_PORT) -> LocalCluster | None:
+    """Connect this process to a Ray cluster, starting one if there is none; returns the cluster it started.
+
+    In order: the cluster this process is connected to; the one at ``address``; the one ``latentmoe cluster
+    start`` (or ``latentmoe serve``) left on this machine; ``RAY_ADDRESS``, or the last ``ray start`` here;
+    else a new local multi-node cluster sized for the shards (see ``cluster_shape``), which the caller owns and
+    stops (``LocalCluster.stop``); with ``record`` other clients on this machine find it as well.
+    """
     if ray.is_initialized():
-        return
+        return None
+    if address:
+        recorded = find_local_cluster(address=address)  # one of ours: join it with its authentication
+        if recorded is not None:
+            use_ray_auth(recorded.env)
+        ray.init(address=address, log_to_driver=False)
+        return None
+    recorded = find_local_cluster(port)
+    if recorded is not None:
+        use_ray_auth(recorded.env)
+        ray.init(address=recorded.address, log_to_driver=False)
+        return None
+    running = running_ray_address()
+    if running is not None:
+        ray.init(address=running, log_to_driver=False)
+        return None
+    echo = echo or logger.warning
+    echo("no running Ray cluster found: starting a local multi-node one (head, attention and expert nodes)")
+    cluster = start_local_cluster(**cluster_shape(attention_shards, expert_shards), port=port, echo=echo,
+                                  record=record)
     try:
-        ray.init(address=address or "auto", log_to_driver=False)
-    except ConnectionError:
-        if address:
-            raise
-        logger.warning("no running Ray cluster found: starting a single local node (attention and experts will "
-                       "share it); `latentmoe cluster start` starts a local multi-node cluster")
-        ray.init(log_to_driver=False)
+        use_ray_auth(cluster.env)
+        ray.init(address=cluster.address, log_to_driver=False)
+    except BaseException:
+        cluster.stop(echo)
+        raise
+    return cluster
 
 
 def _router_node() -> str:

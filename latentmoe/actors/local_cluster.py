@@ -2,17 +2,31 @@
 
 Each node is a separate ``ray start`` (its own raylet and object store), so shards placed on
 different nodes are separate processes talking through the collective group, as on a real
-cluster. The head advertises no role; it hosts the router and the serving front door.
+cluster. The head advertises no role; it hosts the router, the serving front door and Ray's
+dashboard.
+
+Every node runs with Ray's token authentication (``RAY_AUTH_MODE=token``) unless asked not to:
+the token is the user's own (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or ``~/.ray/auth_token``)
+or one made on first use at ``~/.ray/auth_token``, and the same setting reaches every ``ray start``
+and every client latentmoe starts. A cluster started here is recorded in a state file (address,
+authentication, the process group of each node), so clients find it and ``stop()`` ends exactly
+those processes, never another Ray on the machine.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
+import secrets
+import signal
+import socket
 import subprocess
 import sys
-from typing import Callable
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Mapping
 
 from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
 from latentmoe.cluster.communicator import free_port
@@ -21,6 +35,148 @@ from latentmoe.cluster.communicator import free_port
 # them) get a 4 MiB limit instead, gRPC's own default. Larger messages get RESOURCE_EXHAUSTED from gRPC itself.
 GRPC_MAX_MESSAGE_BYTES = 4 << 20
 PROXY_ENV = {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(GRPC_MAX_MESSAGE_BYTES)}
+AUTH_MODES = ("token", "disabled")
+DEFAULT_PORT = 6379
+
+Echo = Callable[[str], None]
+
+
+def ray_auth_env(mode: str | None = None, environ: Mapping[str, str] = os.environ,
+                 home: str | Path | None = None) -> dict[str, str]:
+    """The Ray authentication environment for every process of a latentmoe cluster.
+
+    ``mode``: ``"token"`` or ``"disabled"``; ``None`` takes ``RAY_AUTH_MODE`` from ``environ``, else
+    ``"token"``. In token mode the token is ``RAY_AUTH_TOKEN`` or the file ``RAY_AUTH_TOKEN_PATH`` when
+    set, else ``~/.ray/auth_token`` (Ray's own default, so ``ray status`` and the dashboard find it),
+    written with a new random token if it does not exist. The result always names the mode, so that a
+    token file never switches on authentication for one node and not another.
+    """
+    mode = (mode or environ.get("RAY_AUTH_MODE") or "token").lower()
+    if mode not in AUTH_MODES:
+        raise ValueError(f"Ray authentication mode must be one of {AUTH_MODES}, got {mode!r}")
+    if mode == "disabled":
+        return {"RAY_AUTH_MODE": "disabled"}
+    if environ.get("RAY_AUTH_TOKEN"):
+        return {"RAY_AUTH_MODE": "token"}  # the token itself travels in the inherited environment
+    path = Path(environ.get("RAY_AUTH_TOKEN_PATH") or Path(home or Path.home()) / ".ray" / "auth_token")
+    if not path.exists() or not path.read_text().strip():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))  # 256 bits, as Ray's own generator
+        os.replace(tmp, path)
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(path)}
+
+
+def use_ray_auth(env: Mapping[str, str]) -> None:
+    """Make this process a client of a cluster with authentication ``env`` (call before ``ray.init``)."""
+    os.environ.update(env)
+    if env.get("RAY_AUTH_MODE") == "disabled":
+        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    if "ray" in sys.modules:  # Ray caches its config and token: refresh both, as Ray's own auto-enable does
+        try:
+            from ray._raylet import AuthenticationTokenLoader, Config
+
+            Config.initialize("")
+            AuthenticationTokenLoader.instance().reset_cache()
+        except (ImportError, AttributeError):  # pragma: no cover (older Ray)
+            pass
+
+
+def state_dir(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where latentmoe keeps its state: ``$LATENTMOE_CACHE``, default ``~/.cache/latentmoe``."""
+    return Path(environ.get("LATENTMOE_CACHE", Path.home() / ".cache" / "latentmoe"))
+
+
+@dataclass
+class LocalCluster:
+    """A cluster started by ``start_local_cluster``: what a client needs to join it and to stop it."""
+
+    address: str
+    env: dict[str, str]  # the authentication environment of every node; clients use the same
+    nodes: list[dict] = field(default_factory=list)  # {"role", "pgid"} per node, head first
+    dashboard_url: str | None = None
+    state_file: str | None = None
+
+    def alive(self) -> bool:
+        return bool(self.nodes) and bool(_ray_pids(self.nodes[0]["pgid"]))
+
+    def stop(self, echo: Echo = print, timeout_s: float = 5.0) -> None:
+        """End the processes of every node (SIGTERM, then SIGKILL after ``timeout_s``); nothing else."""
+        groups = [n["pgid"] for n in reversed(self.nodes)]
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pgid in groups:
+                for pid in _ray_pids(pgid):
+                    try:
+                        os.kill(pid, sig)
+                    except ProcessLookupError:
+                        pass
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline and any(_ray_pids(g) for g in groups):
+                time.sleep(0.2)
+            if not any(_ray_pids(g) for g in groups):
+                break
+        if self.state_file:
+            Path(self.state_file).unlink(missing_ok=True)
+        _forget_ray_address(self.address)
+        echo(f"stopped the Ray cluster at {self.address} ({len(self.nodes)} nodes)")
+
+    def save(self) -> None:
+        assert self.state_file, "a cluster without a state file"
+        path = Path(self.state_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        os.replace(tmp, path)
+
+
+def _ray_pids(pgid: int) -> list[int]:
+    """The live Ray processes of one process group (a node's ``ray start`` and what it spawned).
+
+    Only processes whose command line names Ray are counted, so a reused group id never matches.
+    """
+    pids = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = Path(entry.path, "stat").read_text()
+            fields = stat[stat.rindex(")") + 2:].split()
+            if int(fields[2]) != pgid or fields[0] == "Z":
+                continue
+            if b"ray" in Path(entry.path, "cmdline").read_bytes():
+                pids.append(int(entry.name))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def running_ray_address() -> str | None:
+    """The Ray cluster a plain ``ray.init()`` here would join, if it runs: ``RAY_ADDRESS``, else the last
+    ``ray start`` on this machine (Ray's ``ray_current_cluster`` file) while its GCS process lives.
+
+    Unlike ``address="auto"``, never some other GCS found among the machine's processes.
+    """
+    if os.environ.get("RAY_ADDRESS"):
+        return os.environ["RAY_ADDRESS"]
+    from ray._private import services
+
+    address = services.find_bootstrap_address(None)
+    return address if address and address in services.find_gcs_addresses() else None
+
+
+def _forget_ray_address(address: str) -> None:
+    """Remove Ray's record of the last ``ray start`` if it is this cluster (as ``ray stop`` does)."""
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        path = Path(get_ray_address_file(None))
+        host, _, port = address.rpartition(":")
+        if path.exists() and path.read_text().strip().rpartition(":")[2] == port:
+            path.unlink(missing_ok=True)
+    except (ImportError, OSError):  # pragma: no cover
+        pass
 
 
 def _ray() -> str:
@@ -28,41 +184,104 @@ def _ray() -> str:
     return exe if os.path.exists(exe) else (shutil.which("ray") or "ray")
 
 
-def _run(args: list[str], echo: Callable[[str], None], env: dict[str, str] | None = None) -> None:
+def _port_in_use(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _start_node(args: list[str], env: dict[str, str], echo: Echo) -> int:
+    """Run one ``ray start`` in a process group of its own; returns the group id (its daemons stay in it)."""
     echo("$ " + " ".join(args))
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=180,
-                          env=None if env is None else {**os.environ, **env})
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env={**os.environ, **env}, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise RuntimeError(f"{' '.join(args[:3])} did not finish within 180 s") from None
     if proc.returncode != 0:
-        raise RuntimeError(f"{' '.join(args[:3])} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+        for pid in _ray_pids(proc.pid):
+            os.kill(pid, signal.SIGKILL)
+        raise RuntimeError(f"{' '.join(args[:3])} failed ({proc.returncode}):\n{out[-3000:]}")
+    return proc.pid
+
+
+def cluster_shape(attention_shards: int, expert_shards: int) -> dict:
+    """The local cluster that holds ``attention_shards`` and ``expert_shards`` (one logical CPU per shard):
+    one attention node, and expert nodes of two shards each."""
+    per_node = max(attention_shards, 2)
+    return {"attention_nodes": 1, "expert_nodes": max(1, (expert_shards + 1) // 2),
+            "shards_per_node": per_node, "cpus_per_node": per_node}
 
 
 def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shards_per_node: int = 2,
-                        cpus_per_node: int = 2, port: int = 6379, echo: Callable[[str], None] = print) -> str:
-    """Start the head and the worker nodes; returns the cluster address (``127.0.0.1:port``)."""
+                        cpus_per_node: int | None = None, head_cpus: int = 2, port: int = DEFAULT_PORT,
+                        dashboard: bool = True, auth_mode: str | None = None, echo: Echo = print,
+                        record: bool = True) -> LocalCluster:
+    """Start the head and the worker nodes; returns the cluster (``stop()`` ends it).
+
+    ``cpus_per_node`` defaults to ``shards_per_node`` (shards ask for one logical CPU each). With
+    ``record``, the cluster is written to ``state_dir()/cluster-PORT.json`` for ``find_local_cluster``.
+    """
+    cpus_per_node = shards_per_node if cpus_per_node is None else cpus_per_node
     for name, value in (("attention_nodes", attention_nodes), ("expert_nodes", expert_nodes),
-                        ("shards_per_node", shards_per_node), ("cpus_per_node", cpus_per_node)):
+                        ("shards_per_node", shards_per_node), ("cpus_per_node", cpus_per_node),
+                        ("head_cpus", head_cpus)):
         if value < 1:
             raise ValueError(f"{name} must be at least 1, got {value}")
+    if cpus_per_node < shards_per_node:
+        raise ValueError(f"cpus_per_node ({cpus_per_node}) must be at least shards_per_node ({shards_per_node}): "
+                         f"every shard takes one logical CPU")
+    if _port_in_use(port):
+        raise RuntimeError(f"port {port} is in use on this machine (another Ray cluster?): choose another with --port")
+    env = ray_auth_env(auth_mode)
     ray = _ray()
     common = ["--disable-usage-stats", "--node-ip-address=127.0.0.1"]
-    _run([ray, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false", *common], echo,
-         env={k: os.environ.get(k, v) for k, v in PROXY_ENV.items()})
-    address = f"127.0.0.1:{port}"
+    head = [ray, "start", "--head", f"--port={port}", f"--num-cpus={head_cpus}", *common]
+    dashboard_url = None
+    if dashboard:
+        dashboard_port = 8265 if not _port_in_use(8265) else free_port()
+        head += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+        dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+    else:
+        head += ["--include-dashboard=false"]
+    cluster = LocalCluster(address=f"127.0.0.1:{port}", env=env, dashboard_url=dashboard_url,
+                           state_file=str(state_dir() / f"cluster-{port}.json") if record else None)
+    node_env = {**env, **{k: os.environ.get(k, v) for k, v in PROXY_ENV.items()}}
+    cluster.nodes.append({"role": "head", "pgid": _start_node(head, node_env, echo)})
     roles = [ATTENTION_RESOURCE] * attention_nodes + [EXPERT_RESOURCE] * expert_nodes
     try:
         for role in roles:
             # every raylet on the machine needs its own agent and metrics ports
-            _run([ray, "start", f"--address={address}", f"--num-cpus={cpus_per_node}",
-                  f"--resources={json.dumps({role: shards_per_node})}",
-                  f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}",
-                  *common], echo)
+            args = [ray, "start", f"--address={cluster.address}", f"--num-cpus={cpus_per_node}",
+                    f"--resources={json.dumps({role: shards_per_node})}",
+                    f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}", *common]
+            cluster.nodes.append({"role": role, "pgid": _start_node(args, env, echo)})
     except BaseException:
-        stop_local_cluster(echo)
+        cluster.stop(echo)
         raise
-    echo(f"started a Ray cluster at {address}: {attention_nodes} attention node(s), {expert_nodes} expert node(s), "
-         f"{shards_per_node} shard(s) each; stop it with `latentmoe cluster stop`")
-    return address
+    if record:
+        cluster.save()
+    echo(f"started a Ray cluster at {cluster.address}: {attention_nodes} attention node(s), {expert_nodes} expert "
+         f"node(s), {shards_per_node} shard(s) each; Ray authentication: {env['RAY_AUTH_MODE']}"
+         + (f"; dashboard {dashboard_url}" if dashboard_url else ""))
+    return cluster
 
 
-def stop_local_cluster(echo: Callable[[str], None] = print) -> None:
-    _run([_ray(), "stop", "--force"], echo)
+def find_local_cluster(port: int = DEFAULT_PORT, address: str | None = None) -> LocalCluster | None:
+    """The cluster ``start_local_cluster`` recorded for ``port`` (or at ``address``), if it still runs.
+
+    A record whose head is gone is removed.
+    """
+    paths = sorted(state_dir().glob("cluster-*.json")) if address else [state_dir() / f"cluster-{port}.json"]
+    for path in paths:
+        try:
+            cluster = LocalCluster(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            continue
+        if address and cluster.address != address:
+            continue
+        if cluster.alive():
+            return cluster
+        path.unlink(missing_ok=True)
+    return None
