@@ -3,7 +3,8 @@
 Text is decoded from a window of recent tokens (vLLM's prefix/read offsets), and held back
 while it ends in an incomplete UTF-8 sequence (U+FFFD), so no delta carries a broken
 character. With stop strings, the last ``len(longest stop) - 1`` characters are held back
-too, so a stop string split across tokens never leaks into the output.
+too, so a stop string split across tokens never leaks into the output (unless
+``include_stop_str_in_output``: then the text ends with it).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ class IncrementalDetokenizer:
         self.tokenizer = tokenizer
         self.skip_special = params.skip_special_tokens
         self.stops = list(params.stop)
+        self.include_stop = params.include_stop_str_in_output
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.ids = list(prompt_token_ids[-_WINDOW:])  # context for the first output tokens
         self.prefix_offset = 0
@@ -45,7 +47,7 @@ class IncrementalDetokenizer:
             hits = [(i, s) for s in self.stops if (i := self.text.find(s, start)) >= 0]
             if hits:
                 index, stop = min(hits)
-                self.text = self.text[:index]
+                self.text = self.text[: index + len(stop) if self.include_stop else index]
                 self.stopped = True
                 return self._emit(len(self.text)), stop
         return self._emit(len(self.text) - self.hold), None

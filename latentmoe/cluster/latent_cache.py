@@ -65,6 +65,12 @@ class LatentCache:
         flat[slots, : self.kv_lora_rank] = c_kv.to(self.dtype)
         flat[slots, self.kv_lora_rank :] = k_pe.to(self.dtype)
 
+    def copy_blocks(self, copies: list[tuple[int, int]]) -> None:
+        """Copy-on-write: block ``dst`` gets the contents of ``src``, in every layer."""
+        if copies:
+            src, dst = (torch.tensor(c, device=self.kv.device) for c in zip(*copies))
+            self.kv[:, dst] = self.kv[:, src]
+
     def gather(self, layer: int, block_table: list[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One sequence's first ``num_tokens`` latents: ``c_kv [S, R]``, ``k_pe [S, P]``."""
         num_blocks = -(-num_tokens // self.block_size)

@@ -34,10 +34,11 @@ class StepInputs:
     decode_seq_lens: torch.Tensor  # [Bd] int32 (tokens in cache incl. the new one)
     prefill: list[tuple[int, int, int, list[int]]]  # (first row, num tokens, start position, block table)
     sample_rows: torch.Tensor  # [N] rows whose logits are sampled
+    logit_rows: torch.Tensor  # [L] rows that go through lm_head: a chunk's every row if all_logits, else sample_rows
 
 
 def build_inputs(chunks, block_size: int, device: torch.device) -> StepInputs:
-    token_ids, positions, slots, sample_rows = [], [], [], []
+    token_ids, positions, slots, sample_rows, logit_rows = [], [], [], [], []
     decode_rows, decode_tables, decode_lens, prefill = [], [], [], []
     for chunk in chunks:
         seq, start, n = chunk.seq, chunk.start, chunk.num_tokens
@@ -54,6 +55,10 @@ def build_inputs(chunks, block_size: int, device: torch.device) -> StepInputs:
             prefill.append((row, n, start, table))
         if chunk.sample:
             sample_rows.append(row + n - 1)
+        if getattr(chunk, "all_logits", False):
+            logit_rows += range(row, row + n)
+        elif chunk.sample:
+            logit_rows.append(row + n - 1)
     width = max((len(t) for t in decode_tables), default=0)
     padded = [t + [0] * (width - len(t)) for t in decode_tables]
 
@@ -64,6 +69,7 @@ def build_inputs(chunks, block_size: int, device: torch.device) -> StepInputs:
         token_ids=tensor(token_ids), positions=tensor(positions), slots=tensor(slots),
         decode_rows=tensor(decode_rows), decode_block_tables=tensor(padded, torch.int32).view(len(padded), width),
         decode_seq_lens=tensor(decode_lens, torch.int32), prefill=prefill, sample_rows=tensor(sample_rows),
+        logit_rows=tensor(logit_rows),
     )
 
 
@@ -80,7 +86,8 @@ class ModelRunner:
 
     @torch.no_grad()
     def execute(self, chunks, routed_fn: RoutedFn | None = None) -> torch.Tensor:
-        """Run the chunks; returns float32 logits ``[N, vocab]`` for the chunks that sample, in order."""
+        """Run the chunks; returns float32 logits ``[L, vocab]``, chunk by chunk in order: a row per token of a
+        chunk with ``all_logits`` (prompt logprobs), else one row for a chunk that samples (its last token)."""
         inputs = build_inputs(chunks, self.cache.block_size, self.device)
         model = self.model
         cos, sin = model.rotary(inputs.positions)  # [T, P/2]
@@ -88,7 +95,7 @@ class ModelRunner:
         attend_fn = functools.partial(self._attend, inputs)
         for layer in model.model.layers:
             x = layer(x, cos, sin, attend_fn, routed_fn)
-        h = model.model.norm(x[inputs.sample_rows])
+        h = model.model.norm(x[inputs.logit_rows])
         return model.lm_head(h).float()
 
     def _attend(self, inputs: StepInputs, attn: MLA, q_nope, q_pe, c_kv, k_pe) -> torch.Tensor:

@@ -6,6 +6,9 @@ prefill), oldest first; then waiting ones, first come first served, while the to
 the sequence cap and the free blocks allow. When a running sequence needs a block and none is
 free, the newest running sequence is preempted: its blocks are freed and it goes back to the
 front of the queue, to be recomputed from its prompt and the tokens it already produced.
+
+The samples of one prompt (``n`` / ``best_of``) are forked from its sequence when its prefill
+ends: they share its blocks, and the block manager copies a shared block before one writes to it.
 """
 
 from __future__ import annotations
@@ -27,18 +30,21 @@ class SchedulerConfig:
 
 @dataclass
 class Chunk:
-    """``num_tokens`` tokens of ``seq`` from position ``start``; ``sample``: its last token's logits are sampled."""
+    """``num_tokens`` tokens of ``seq`` from position ``start``; ``sample``: its last token's logits are sampled;
+    ``all_logits``: every token's logits are wanted (prompt logprobs), not only the sampled one."""
 
     seq: Sequence
     start: int
     num_tokens: int
     sample: bool
+    all_logits: bool = False
 
 
 @dataclass
 class ScheduledBatch:
     chunks: list[Chunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
+    copies: list[tuple[int, int]] = field(default_factory=list)  # (src, dst) cache blocks, before the step
 
     @property
     def num_tokens(self) -> int:
@@ -114,7 +120,7 @@ class Scheduler:
                     break
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted itself; self.running[i] is now the next one
-            self.blocks.grow(seq, n)
+            batch.copies += self.blocks.grow(seq, n)
             batch.chunks.append(Chunk(seq, seq.num_computed_tokens, n, n == seq.num_uncomputed_tokens))
             budget -= n
             i += 1
@@ -126,17 +132,32 @@ class Scheduler:
             if not self.blocks.can_grow(seq, n):
                 break
             self.waiting.popleft()
-            self.blocks.grow(seq, n)
+            batch.copies += self.blocks.grow(seq, n)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
             batch.chunks.append(Chunk(seq, seq.num_computed_tokens, n, n == seq.num_uncomputed_tokens))
             budget -= n
         return batch
 
+    def fork(self, chunk: Chunk, batch: ScheduledBatch, child: Sequence) -> Sequence:
+        """After ``chunk`` ran, start ``child`` (a new sequence of the same prompt) where ``chunk.seq`` stands:
+        same blocks (shared), same computed tokens. It samples from the chunk's logits in ``update``."""
+        parent = chunk.seq
+        assert child.request_id not in self._by_id, f"duplicate request id {child.request_id!r}"
+        assert parent.status is SequenceStatus.RUNNING and chunk.sample, f"{parent} cannot fork"
+        self.blocks.fork(parent, child)
+        child.num_computed_tokens = parent.num_computed_tokens
+        child.status = SequenceStatus.RUNNING
+        self._by_id[child.request_id] = child
+        self.running.insert(self.running.index(parent) + 1, child)
+        batch.chunks.append(Chunk(child, chunk.start, chunk.num_tokens, True))
+        return child
+
     def update(self, batch: ScheduledBatch, sampled: dict[str, int]) -> list[Sequence]:
         """Record a step's results: computed tokens, and the token sampled for each sampling chunk.
 
         Returns the sequences that finished (EOS, a stop token id, ``max_tokens``, or the context length).
+        A sequence with ``max_tokens == 0`` finishes ("length") when its prompt is computed, with nothing sampled.
         """
         finished = []
         for chunk in batch.chunks:
@@ -146,9 +167,12 @@ class Scheduler:
             seq.num_computed_tokens = chunk.start + chunk.num_tokens
             if not chunk.sample:
                 continue
+            params = seq.params
+            if params.max_tokens == 0:
+                finished.append(self.finish(seq.request_id, "length"))
+                continue
             token = sampled[seq.request_id]
             seq.output_token_ids.append(token)
-            params = seq.params
             if token in params.stop_token_ids:
                 reason = ("stop", token)
             elif not params.ignore_eos and token in self.config.eos_token_ids:

@@ -26,6 +26,8 @@ class Sequence:
         self.finish_reason: str | None = None  # "stop" | "length" | "abort"
         self.stop_reason: int | str | None = None  # the stop token id or stop string that ended it
         self.num_preemptions = 0
+        self.output_logprobs: list[dict[int, float]] = []  # per output token, when params.logprobs is set
+        self.cumulative_logprob = 0.0  # of the output tokens, from the raw logprobs (best_of ranks by it)
 
     @property
     def all_token_ids(self) -> list[int]:

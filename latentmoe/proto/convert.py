@@ -7,7 +7,7 @@ What needs the model (the prompt's length and ids, the model name) is checked by
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from latentmoe.cluster.sampling_params import SamplingParams
 from latentmoe.proto import generate_pb2 as pb
@@ -16,7 +16,9 @@ if TYPE_CHECKING:  # the engine pulls in torch; clients of this module need not
     from latentmoe.cluster.engine import RequestOutput
 
 # SamplingParams fields that are proto3 `optional` scalars: unset on the wire means the dataclass default
-_SCALARS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "skip_special_tokens")
+_SCALARS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "skip_special_tokens", "n",
+            "best_of", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p", "min_tokens",
+            "include_stop_str_in_output", "logprobs", "prompt_logprobs")
 _LISTS = ("stop", "stop_token_ids")
 
 
@@ -39,6 +41,7 @@ def params_from_proto(msg: pb.SamplingParams) -> SamplingParams:
     """Wire parameters -> ``SamplingParams``; unset scalars take its defaults, errors name ``params.<field>``."""
     kwargs = {name: getattr(msg, name) for name in _SCALARS if msg.HasField(name)}
     kwargs.update({name: list(getattr(msg, name)) for name in _LISTS})
+    kwargs["logit_bias"] = dict(msg.logit_bias)
     try:
         return SamplingParams(**kwargs)
     except ValueError as e:  # SamplingParams' messages start with the parameter's name
@@ -61,22 +64,63 @@ def request_to_proto(prompt: str | list[int], params: SamplingParams | None = No
                 setattr(msg.params, name, value)
         for name in _LISTS:
             getattr(msg.params, name).extend(getattr(params, name))
+        msg.params.logit_bias.update(params.logit_bias)
         msg.params.SetInParent()
     return msg
 
 
-def output_to_proto(out: RequestOutput, *, delta: bool) -> pb.GenerateResponse:
+def logprobs_to_proto(token_ids: list[int], logprobs: list, num_top: int,
+                      token_text: Callable[[int], str] | None = None) -> list[pb.TokenLogprob]:
+    """Per position: the token there and its ``Logprobs`` (token id -> logprob: the top-N in rank order, then
+    the token itself when it is not among them), or ``None`` (a prompt's first token)."""
+    text = token_text or (lambda _: "")
+    out = []
+    for token, lp in zip(token_ids, logprobs):
+        msg = pb.TokenLogprob(token_id=token, token=text(token))
+        if lp is not None:
+            msg.logprob = lp[token]
+            msg.top_logprobs.extend(pb.TopLogprob(token_id=t, logprob=v, token=text(t))
+                                    for t, v in list(lp.items())[:num_top])
+        out.append(msg)
+    return out
+
+
+def output_to_proto(out: RequestOutput, *, delta: bool, params: SamplingParams | None = None,
+                    token_text: Callable[[int], str] | None = None) -> pb.GenerateResponse:
     """``RequestOutput`` -> ``GenerateResponse``: the new text and ids if ``delta`` (GenerateStream),
-    everything so far if not (Generate). finish_reason and usage are set once the request has finished."""
+    everything so far if not (Generate). finish_reason and usage are set once the request has finished.
+    ``params`` (the request's) say how many top logprobs to send; ``token_text`` gives a token's text."""
+    num_top = params.logprobs or 0 if params is not None else 0
+    num_prompt_top = params.prompt_logprobs or 0 if params is not None else 0
+    first = out.outputs[0]
     msg = pb.GenerateResponse(
         request_id=out.request_id,
-        text=out.delta_text if delta else out.text,
-        token_ids=out.delta_token_ids if delta else out.token_ids,
+        text=first.delta_text if delta else first.text,
+        token_ids=first.delta_token_ids if delta else first.token_ids,
         finished=out.finished,
     )
+    if first.delta_logprobs is not None:
+        ids, lps = (first.delta_token_ids, first.delta_logprobs) if delta else (first.token_ids, first.logprobs)
+        msg.logprobs.extend(logprobs_to_proto(ids, lps or [], num_top, token_text))
+    if out.prompt_logprobs is not None:
+        msg.prompt_logprobs.extend(logprobs_to_proto(out.prompt_token_ids, out.prompt_logprobs, num_prompt_top,
+                                                     token_text))
+    if len(out.outputs) > 1:
+        for c in out.outputs:
+            if delta and not (c.delta_token_ids or c.delta_text or c.finished):
+                continue
+            choice = pb.Choice(index=c.index, text=c.delta_text if delta else c.text,
+                               token_ids=c.delta_token_ids if delta else c.token_ids,
+                               finish_reason=c.finish_reason or "")
+            if c.delta_logprobs is not None:
+                ids, lps = (c.delta_token_ids, c.delta_logprobs) if delta else (c.token_ids, c.logprobs)
+                choice.logprobs.extend(logprobs_to_proto(ids, lps or [], num_top, token_text))
+            if c.cumulative_logprob is not None:
+                choice.cumulative_logprob = c.cumulative_logprob
+            msg.choices.append(choice)
     if out.finished:
-        msg.finish_reason = out.finish_reason or ""
-        num_prompt, num_output = len(out.prompt_token_ids), len(out.token_ids)
+        msg.finish_reason = first.finish_reason or ""
+        num_prompt, num_output = out.num_prompt_tokens, out.num_output_tokens
         msg.usage.CopyFrom(pb.Usage(prompt_tokens=num_prompt, completion_tokens=num_output,
                                     total_tokens=num_prompt + num_output))
     return msg

@@ -24,29 +24,39 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elatentmoe/proto/generate.proto\x12\x0clatentmoe.v1\"\xa9\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.latentmoe.v1.TokenIdsH\x00\x12,\n\x06params\x18\x03 \x01(\x0b\x32\x1c.latentmoe.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xc2\x02\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x17\n\nignore_eos\x18\x08 \x01(\x08H\x05\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\t \x01(\x08H\x06\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x16\n\x14_skip_special_tokens\"\x94\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.latentmoe.v1.Usage\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"%\n\x11\x45xpertLoadRequest\x12\x10\n\x08window_s\x18\x01 \x01(\x01\"H\n\tLayerLoad\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x03\x12\x11\n\timbalance\x18\x03 \x01(\x01\"\xc5\x01\n\x12\x45xpertLoadResponse\x12\x10\n\x08window_s\x18\x01 \x01(\x01\x12\'\n\x06layers\x18\x02 \x03(\x0b\x32\x17.latentmoe.v1.LayerLoad\x12\x18\n\x10tokens_per_shard\x18\x03 \x03(\x03\x12\x17\n\x0fshard_imbalance\x18\x04 \x01(\x01\x12\x19\n\x11\x64\x65vices_histogram\x18\x05 \x03(\x03\x12\x11\n\ta2a_bytes\x18\x06 \x01(\x03\x12\x13\n\x0bideal_bytes\x18\x07 \x01(\x03\x32\xfd\x01\n\tGenerator\x12I\n\x08Generate\x12\x1d.latentmoe.v1.GenerateRequest\x1a\x1e.latentmoe.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.latentmoe.v1.GenerateRequest\x1a\x1e.latentmoe.v1.GenerateResponse0\x01\x12R\n\rGetExpertLoad\x12\x1f.latentmoe.v1.ExpertLoadRequest\x1a .latentmoe.v1.ExpertLoadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1elatentmoe/proto/generate.proto\x12\x0clatentmoe.v1\"\xa9\x01\n\x0fGenerateRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12+\n\ttoken_ids\x18\x02 \x01(\x0b\x32\x16.latentmoe.v1.TokenIdsH\x00\x12,\n\x06params\x18\x03 \x01(\x0b\x32\x1c.latentmoe.v1.SamplingParams\x12\x12\n\nrequest_id\x18\x04 \x01(\t\x12\r\n\x05model\x18\x05 \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xf3\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x01H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\x05H\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x03H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x16\n\x0estop_token_ids\x18\x07 \x03(\x05\x12\x17\n\nignore_eos\x18\x08 \x01(\x08H\x05\x88\x01\x01\x12 \n\x13skip_special_tokens\x18\t \x01(\x08H\x06\x88\x01\x01\x12\x0e\n\x01n\x18\n \x01(\x05H\x07\x88\x01\x01\x12\x14\n\x07\x62\x65st_of\x18\x0b \x01(\x05H\x08\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x0c \x01(\x01H\t\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\r \x01(\x01H\n\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x0e \x01(\x01H\x0b\x88\x01\x01\x12\x12\n\x05min_p\x18\x0f \x01(\x01H\x0c\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x10 \x01(\x05H\r\x88\x01\x01\x12?\n\nlogit_bias\x18\x11 \x03(\x0b\x32+.latentmoe.v1.SamplingParams.LogitBiasEntry\x12\'\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08H\x0e\x88\x01\x01\x12\x15\n\x08logprobs\x18\x13 \x01(\x05H\x0f\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x14 \x01(\x05H\x10\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eosB\x16\n\x14_skip_special_tokensB\x04\n\x02_nB\n\n\x08_best_ofB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x15\n\x13_repetition_penaltyB\x08\n\x06_min_pB\r\n\x0b_min_tokensB\x1d\n\x1b_include_stop_str_in_outputB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\x81\x01\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x14\n\x07logprob\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05token\x18\x03 \x01(\t\x12.\n\x0ctop_logprobs\x18\x04 \x03(\x0b\x32\x18.latentmoe.v1.TopLogprobB\n\n\x08_logprob\">\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12\r\n\x05token\x18\x03 \x01(\t\"\xb5\x01\n\x06\x43hoice\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12,\n\x08logprobs\x18\x05 \x03(\x0b\x32\x1a.latentmoe.v1.TokenLogprob\x12\x1f\n\x12\x63umulative_logprob\x18\x06 \x01(\x01H\x00\x88\x01\x01\x42\x15\n\x13_cumulative_logprob\"\x9e\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x11\n\ttoken_ids\x18\x03 \x03(\x05\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12\"\n\x05usage\x18\x05 \x01(\x0b\x32\x13.latentmoe.v1.Usage\x12\x10\n\x08\x66inished\x18\x06 \x01(\x08\x12,\n\x08logprobs\x18\x07 \x03(\x0b\x32\x1a.latentmoe.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x1a.latentmoe.v1.TokenLogprob\x12%\n\x07\x63hoices\x18\t \x03(\x0b\x32\x14.latentmoe.v1.Choice\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"%\n\x11\x45xpertLoadRequest\x12\x10\n\x08window_s\x18\x01 \x01(\x01\"H\n\tLayerLoad\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x19\n\x11tokens_per_expert\x18\x02 \x03(\x03\x12\x11\n\timbalance\x18\x03 \x01(\x01\"\xc5\x01\n\x12\x45xpertLoadResponse\x12\x10\n\x08window_s\x18\x01 \x01(\x01\x12\'\n\x06layers\x18\x02 \x03(\x0b\x32\x17.latentmoe.v1.LayerLoad\x12\x18\n\x10tokens_per_shard\x18\x03 \x03(\x03\x12\x17\n\x0fshard_imbalance\x18\x04 \x01(\x01\x12\x19\n\x11\x64\x65vices_histogram\x18\x05 \x03(\x03\x12\x11\n\ta2a_bytes\x18\x06 \x01(\x03\x12\x13\n\x0bideal_bytes\x18\x07 \x01(\x03\x32\xfd\x01\n\tGenerator\x12I\n\x08Generate\x12\x1d.latentmoe.v1.GenerateRequest\x1a\x1e.latentmoe.v1.GenerateResponse\x12Q\n\x0eGenerateStream\x12\x1d.latentmoe.v1.GenerateRequest\x1a\x1e.latentmoe.v1.GenerateResponse0\x01\x12R\n\rGetExpertLoad\x12\x1f.latentmoe.v1.ExpertLoadRequest\x1a .latentmoe.v1.ExpertLoadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'latentmoe.proto.generate_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
   _globals['_GENERATEREQUEST']._serialized_start=49
   _globals['_GENERATEREQUEST']._serialized_end=218
   _globals['_TOKENIDS']._serialized_start=220
   _globals['_TOKENIDS']._serialized_end=243
   _globals['_SAMPLINGPARAMS']._serialized_start=246
-  _globals['_SAMPLINGPARAMS']._serialized_end=568
-  _globals['_GENERATERESPONSE']._serialized_start=571
-  _globals['_GENERATERESPONSE']._serialized_end=719
-  _globals['_USAGE']._serialized_start=721
-  _globals['_USAGE']._serialized_end=800
-  _globals['_EXPERTLOADREQUEST']._serialized_start=802
-  _globals['_EXPERTLOADREQUEST']._serialized_end=839
-  _globals['_LAYERLOAD']._serialized_start=841
-  _globals['_LAYERLOAD']._serialized_end=913
-  _globals['_EXPERTLOADRESPONSE']._serialized_start=916
-  _globals['_EXPERTLOADRESPONSE']._serialized_end=1113
-  _globals['_GENERATOR']._serialized_start=1116
-  _globals['_GENERATOR']._serialized_end=1369
+  _globals['_SAMPLINGPARAMS']._serialized_end=1129
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=809
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=857
+  _globals['_TOKENLOGPROB']._serialized_start=1132
+  _globals['_TOKENLOGPROB']._serialized_end=1261
+  _globals['_TOPLOGPROB']._serialized_start=1263
+  _globals['_TOPLOGPROB']._serialized_end=1325
+  _globals['_CHOICE']._serialized_start=1328
+  _globals['_CHOICE']._serialized_end=1509
+  _globals['_GENERATERESPONSE']._serialized_start=1512
+  _globals['_GENERATERESPONSE']._serialized_end=1798
+  _globals['_USAGE']._serialized_start=1800
+  _globals['_USAGE']._serialized_end=1879
+  _globals['_EXPERTLOADREQUEST']._serialized_start=1881
+  _globals['_EXPERTLOADREQUEST']._serialized_end=1918
+  _globals['_LAYERLOAD']._serialized_start=1920
+  _globals['_LAYERLOAD']._serialized_end=1992
+  _globals['_EXPERTLOADRESPONSE']._serialized_start=1995
+  _globals['_EXPERTLOADRESPONSE']._serialized_end=2192
+  _globals['_GENERATOR']._serialized_start=2195
+  _globals['_GENERATOR']._serialized_end=2448
 # @@protoc_insertion_point(module_scope)

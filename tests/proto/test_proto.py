@@ -132,8 +132,8 @@ def test_not_a_request_is_a_type_error():
 # --- convert: outputs --------------------------------------------------------------------------------------------
 
 def make_output(finished=False, finish_reason=None):
-    return RequestOutput(request_id="r-1", prompt_token_ids=[1, 2, 3], token_ids=[7, 8, 9], text="abc",
-                         delta_token_ids=[9], delta_text="c", finished=finished, finish_reason=finish_reason)
+    return RequestOutput.single("r-1", [1, 2, 3], [7, 8, 9], "abc", delta_token_ids=[9], delta_text="c",
+                                finished=finished, finish_reason=finish_reason)
 
 
 def test_output_mid_stream():
@@ -163,14 +163,15 @@ class EchoGenerator(pb_grpc.GeneratorServicer):
         except ValueError as e:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         prompt_ids = [ord(c) for c in prompt] if isinstance(prompt, str) else prompt
-        out = RequestOutput(request_id=request_id or "echo-0", prompt_token_ids=prompt_ids, token_ids=[], text="")
+        tokens, text = [], ""
         for i, token in enumerate(prompt_ids[:params.max_tokens]):
-            out.token_ids.append(token)
-            out.delta_token_ids, out.delta_text = [token], chr(token)
-            out.text += out.delta_text
-            if i + 1 == min(len(prompt_ids), params.max_tokens):
-                out.finished, out.finish_reason = True, "length" if len(prompt_ids) > params.max_tokens else "stop"
-            yield out
+            tokens.append(token)
+            text += chr(token)
+            last = i + 1 == min(len(prompt_ids), params.max_tokens)
+            reason = ("length" if len(prompt_ids) > params.max_tokens else "stop") if last else None
+            yield RequestOutput.single(request_id or "echo-0", prompt_ids, list(tokens), text,
+                                       delta_token_ids=[token], delta_text=chr(token), finished=last,
+                                       finish_reason=reason)
 
     def Generate(self, request, context):
         *_, last = self._outputs(request, context)
@@ -216,7 +217,7 @@ def test_text_prompt_with_default_params(stub):
 
 @pytest.mark.parametrize("request_, message", [
     (pb.GenerateRequest(text="hi", params=pb.SamplingParams(max_tokens=0)),
-     "params.max_tokens must be a positive integer, got 0"),
+     "params.max_tokens must be a positive integer, got 0 (0 only with prompt_logprobs: the prompt's logprobs alone)"),
     (pb.GenerateRequest(params=pb.SamplingParams(max_tokens=4)), "prompt: give text or token_ids"),
     (pb.GenerateRequest(token_ids=pb.TokenIds()), "prompt is empty"),
 ])
