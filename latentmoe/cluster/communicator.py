@@ -4,6 +4,10 @@ Backends: ``torch.distributed`` with gloo (CPU tensors) and NCCL through CuPy's 
 (GPU tensors: group start, a send and a recv per peer, group end). The group is formed
 once at start-up from an address or a unique id that the router hands to every shard
 through the control plane; tensors of a step never go through Ray.
+
+Every communicator counts the bytes it moved, per peer rank, for its last call and since it
+was made (``last_traffic``, ``traffic``): the sizes of what it handed its backend, not what a
+caller planned. Rows a rank keeps for itself never leave it and are not counted.
 """
 
 from __future__ import annotations
@@ -11,17 +15,100 @@ from __future__ import annotations
 import datetime
 import socket
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class Traffic:
+    """Bytes an all-to-all moved between this rank and each rank of the group (0 for this rank itself)."""
+
+    sent: list[int]  # [W] bytes sent to each rank
+    received: list[int]  # [W] bytes received from each rank
+
+    @classmethod
+    def zero(cls, world_size: int) -> "Traffic":
+        return cls([0] * world_size, [0] * world_size)
+
+    @property
+    def num_bytes_sent(self) -> int:
+        return sum(self.sent)
+
+    @property
+    def num_bytes_received(self) -> int:
+        return sum(self.received)
+
+    @property
+    def num_bytes(self) -> int:
+        """Sent and received together."""
+        return self.num_bytes_sent + self.num_bytes_received
+
+    def __add__(self, other: "Traffic") -> "Traffic":
+        return Traffic([a + b for a, b in zip(self.sent, other.sent)],
+                       [a + b for a, b in zip(self.received, other.received)])
+
+
+@dataclass(frozen=True)
+class PeerTransfer:
+    """One point-to-point operation of an all-to-all: ``count`` elements at ``offset`` (elements) of a buffer."""
+
+    peer: int
+    offset: int
+    count: int
+
+
+def peer_transfers(splits: list[int], row_numel: int) -> list[PeerTransfer]:
+    """The send (or recv) per peer that an all-to-all of rows grouped by rank hands a point-to-point backend.
+
+    ``splits[r]`` rows of ``row_numel`` elements each go to (come from) rank r, in rank order in one buffer.
+    Peers with no rows get no operation.
+    """
+    transfers, offset = [], 0
+    for peer, rows in enumerate(splits):
+        assert rows >= 0, f"negative split {rows} for rank {peer}: {splits}"
+        if rows:
+            transfers.append(PeerTransfer(peer, offset * row_numel, rows * row_numel))
+        offset += rows
+    return transfers
+
+
+def transfer_traffic(rank: int, world_size: int, sends: list[PeerTransfer], recvs: list[PeerTransfer],
+                     element_size: int) -> Traffic:
+    """The bytes that ``sends`` and ``recvs`` move to and from other ranks (a rank's own rows stay put)."""
+    traffic = Traffic.zero(world_size)
+    for t in sends:
+        if t.peer != rank:
+            traffic.sent[t.peer] += t.count * element_size
+    for t in recvs:
+        if t.peer != rank:
+            traffic.received[t.peer] += t.count * element_size
+    return traffic
 
 
 class Communicator(ABC):
     rank: int
     world_size: int
+    device: torch.device
 
-    @abstractmethod
     def all_to_all(self, send: torch.Tensor, send_splits: list[int], recv_splits: list[int]) -> torch.Tensor:
         """Rows ``send[sum(send_splits[:r]) : ...]`` go to rank r; returns the rows received, in rank order."""
+        W = self.world_size
+        assert len(send_splits) == len(recv_splits) == W, f"splits {send_splits} / {recv_splits} for {W} ranks"
+        assert send.shape[0] == sum(send_splits), f"{send.shape[0]} rows to send, splits {send_splits}"
+        out, traffic = self._all_to_all(send.contiguous(), send_splits, recv_splits)
+        self.last_traffic = traffic
+        self.traffic = self.traffic + traffic
+        return out
+
+    @abstractmethod
+    def _all_to_all(self, send: torch.Tensor, send_splits: list[int],
+                    recv_splits: list[int]) -> tuple[torch.Tensor, Traffic]:
+        """The backend's exchange of a contiguous ``send``; returns the rows received and the bytes it moved."""
+
+    def _start_counting(self) -> None:
+        self.traffic = Traffic.zero(self.world_size)  # since the communicator was made
+        self.last_traffic = Traffic.zero(self.world_size)  # of the last all_to_all (exchange_counts included)
 
     def exchange_counts(self, send_counts: list[int]) -> list[int]:
         """What every rank will send to this one (the split sizes, exchanged before the payload)."""
@@ -43,6 +130,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _row_numel(t: torch.Tensor) -> int:
+    return t.shape[1:].numel()  # 1 for a 1-D tensor
+
+
 class GlooCommunicator(Communicator):
     """``torch.distributed`` gloo process group; ``init_method`` is ``tcp://host:port`` of rank 0."""
 
@@ -53,17 +144,20 @@ class GlooCommunicator(Communicator):
 
         self.rank, self.world_size = rank, world_size
         self._dist = dist
+        self._start_counting()
         if dist.is_initialized():
             dist.destroy_process_group()
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
 
-    def all_to_all(self, send, send_splits, recv_splits):
-        out = torch.empty((sum(recv_splits), *send.shape[1:]), dtype=send.dtype)
+    def _all_to_all(self, send, send_splits, recv_splits):
         if self.world_size == 1:
-            return send.clone()
-        self._dist.all_to_all_single(out, send.contiguous(), recv_splits, send_splits)
-        return out
+            return send.clone(), Traffic.zero(1)
+        out = torch.empty((sum(recv_splits), *send.shape[1:]), dtype=send.dtype)
+        self._dist.all_to_all_single(out, send, recv_splits, send_splits)
+        row = _row_numel(send)
+        return out, transfer_traffic(self.rank, self.world_size, peer_transfers(send_splits, row),
+                                     peer_transfers(recv_splits, row), send.element_size())
 
     def barrier(self):
         self._dist.barrier()
@@ -84,6 +178,7 @@ class NcclCommunicator(Communicator):
 
         self._nccl = nccl
         self.rank, self.world_size = rank, world_size
+        self._start_counting()
         self.device = torch.device("cuda", device if isinstance(device, int) else device.index or 0)
         with torch.cuda.device(self.device):
             self._comm = nccl.NcclCommunicator(world_size, unique_id, rank)
@@ -98,27 +193,20 @@ class NcclCommunicator(Communicator):
 
         return nccl.get_unique_id()
 
-    def all_to_all(self, send, send_splits, recv_splits):
+    def _all_to_all(self, send, send_splits, recv_splits):
         assert send.is_cuda, "NcclCommunicator sends CUDA tensors"
-        send = send.contiguous()
-        row = send.shape[1:].numel() if send.dim() > 1 else 1
         out = torch.empty((sum(recv_splits), *send.shape[1:]), dtype=send.dtype, device=send.device)
+        row, elem = _row_numel(send), send.element_size()
+        sends, recvs = peer_transfers(send_splits, row), peer_transfers(recv_splits, row)
         nccl_dtype = self._dtypes[send.dtype]
         stream = torch.cuda.current_stream(send.device).cuda_stream
-        elem = send.element_size()
         self._nccl.groupStart()
-        s_off = r_off = 0
-        for peer in range(self.world_size):
-            if send_splits[peer]:
-                self._comm.send(send.data_ptr() + s_off * row * elem, send_splits[peer] * row, nccl_dtype, peer,
-                                stream)
-            if recv_splits[peer]:
-                self._comm.recv(out.data_ptr() + r_off * row * elem, recv_splits[peer] * row, nccl_dtype, peer,
-                                stream)
-            s_off += send_splits[peer]
-            r_off += recv_splits[peer]
+        for t in sends:
+            self._comm.send(send.data_ptr() + t.offset * elem, t.count, nccl_dtype, t.peer, stream)
+        for t in recvs:
+            self._comm.recv(out.data_ptr() + t.offset * elem, t.count, nccl_dtype, t.peer, stream)
         self._nccl.groupEnd()
-        return out
+        return out, transfer_traffic(self.rank, self.world_size, sends, recvs, elem)
 
     def barrier(self):
         self.exchange_counts([0] * self.world_size)

@@ -8,7 +8,8 @@ expert shard runs its experts grouped by expert and returns one weighted partial
 per received token, which the attention side adds up.
 
 Per MoE layer, three collectives: the counts, the rows (hidden states and routing metadata
-packed into one byte tensor) and the partial sums back.
+packed into one byte tensor) and the partial sums back. The traffic in the statistics is what
+the communicator counted it moved; the ideal next to it is worked out from the routing alone.
 
 Every rank calls the same collectives in the same order, with empty splits when it
 has nothing to send, so the group stays in lockstep.
@@ -65,22 +66,25 @@ class DispatchStats:
     tokens_per_expert: dict[int, list[int]] = field(default_factory=dict)  # layer -> [E]
     tokens_per_shard: list[int] = field(default_factory=list)  # [S], rows sent (token, shard) pairs
     devices_histogram: list[int] = field(default_factory=list)  # [max_k + 1]: tokens reaching n shards
-    a2a_bytes: int = 0  # hidden states sent and received back (dispatch + combine)
-    a2a_meta_bytes: int = 0  # expert slots and weights, and the split sizes
-    ideal_bytes: int = 0  # each token once per distinct destination shard, there and back
+    # bytes the communicator moved (sent + received) in the dispatch and combine: rows with their routing
+    # metadata there, partial sums back
+    a2a_bytes: int = 0
+    a2a_counts_bytes: int = 0  # bytes the communicator moved exchanging the split sizes
+    ideal_bytes: int = 0  # each token once per distinct destination shard, with its metadata, there and back
 
     def __post_init__(self):
         self.tokens_per_shard = self.tokens_per_shard or [0] * self.num_shards
         self.devices_histogram = self.devices_histogram or [0] * (self.max_k + 1)
 
-    def record(self, layer: int, topk_ids: torch.Tensor, plan: DispatchPlan, hidden_bytes_per_token: int) -> None:
+    def record(self, layer: int, topk_ids: torch.Tensor, plan: DispatchPlan, bytes_per_row: int) -> None:
+        """Routing counts of one layer, and its ideal traffic: ``bytes_per_row`` there and back per (token, shard)."""
         counts = torch.bincount(topk_ids.flatten(), minlength=self.num_experts).tolist()
         row = self.tokens_per_expert.setdefault(layer, [0] * self.num_experts)
         self.tokens_per_expert[layer] = [a + b for a, b in zip(row, counts)]
         self.tokens_per_shard = [a + b for a, b in zip(self.tokens_per_shard, plan.send_counts)]
         hist = torch.bincount(plan.devices_per_token, minlength=self.max_k + 1).tolist()
         self.devices_histogram = [a + b for a, b in zip(self.devices_histogram, hist)]
-        self.ideal_bytes += int(plan.devices_per_token.sum()) * hidden_bytes_per_token * 2
+        self.ideal_bytes += int(plan.devices_per_token.sum()) * bytes_per_row
 
     def merge(self, other: "DispatchStats") -> None:
         for layer, row in other.tokens_per_expert.items():
@@ -89,7 +93,7 @@ class DispatchStats:
         self.tokens_per_shard = [a + b for a, b in zip(self.tokens_per_shard, other.tokens_per_shard)]
         self.devices_histogram = [a + b for a, b in zip(self.devices_histogram, other.devices_histogram)]
         self.a2a_bytes += other.a2a_bytes
-        self.a2a_meta_bytes += other.a2a_meta_bytes
+        self.a2a_counts_bytes += other.a2a_counts_bytes
         self.ideal_bytes += other.ideal_bytes
 
     @classmethod
@@ -98,14 +102,15 @@ class DispatchStats:
         if d:
             stats.tokens_per_expert = {int(k): list(v) for k, v in d["tokens_per_expert"].items()}
             stats.tokens_per_shard, stats.devices_histogram = list(d["tokens_per_shard"]), list(d["devices_histogram"])
-            stats.a2a_bytes, stats.a2a_meta_bytes, stats.ideal_bytes = d["a2a_bytes"], d["a2a_meta_bytes"], d["ideal_bytes"]
+            stats.a2a_bytes, stats.a2a_counts_bytes = d["a2a_bytes"], d["a2a_counts_bytes"]
+            stats.ideal_bytes = d["ideal_bytes"]
         return stats
 
     def as_dict(self) -> dict:
         return {
             "tokens_per_expert": {str(k): v for k, v in sorted(self.tokens_per_expert.items())},
             "tokens_per_shard": self.tokens_per_shard, "devices_histogram": self.devices_histogram,
-            "a2a_bytes": self.a2a_bytes, "a2a_meta_bytes": self.a2a_meta_bytes, "ideal_bytes": self.ideal_bytes,
+            "a2a_bytes": self.a2a_bytes, "a2a_counts_bytes": self.a2a_counts_bytes, "ideal_bytes": self.ideal_bytes,
         }
 
 
@@ -139,19 +144,23 @@ class AttentionDispatcher:
             send_counts[rank] = plan.send_counts[shard]
         start = time.perf_counter()
         recv_counts = self.comm.exchange_counts(send_counts)
+        counts_bytes = self.comm.last_traffic.num_bytes
         assert sum(recv_counts) == 0, f"an attention shard received tokens: {recv_counts}"
         hidden = h[plan.token_index]  # [M, D]
         meta = torch.cat([plan.slot_ids.float(), plan.weights], dim=1)  # [M, 2K] (slot ids are exact in float32)
         self.comm.all_to_all(pack_rows(hidden, meta), send_counts, recv_counts)
+        rows_bytes = self.comm.last_traffic.num_bytes
         partial = self.comm.all_to_all(torch.empty(0, h.shape[1], dtype=h.dtype, device=h.device),
                                        recv_counts, send_counts)  # [M, D], same order as sent
+        rows_bytes += self.comm.last_traffic.num_bytes
         self.a2a_seconds += time.perf_counter() - start
         routed = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         routed.index_add_(0, plan.token_index, partial.float())
-        row_bytes = h.shape[1] * h.element_size()
-        self.stats.record(layer, topk_ids, plan, row_bytes)
-        self.stats.a2a_bytes += hidden.numel() * hidden.element_size() + partial.numel() * partial.element_size()
-        self.stats.a2a_meta_bytes += meta.numel() * meta.element_size() + 8 * W
+        K = topk_ids.shape[1]
+        hidden_bytes = h.shape[1] * h.element_size()
+        self.stats.record(layer, topk_ids, plan, bytes_per_row=2 * hidden_bytes + 2 * K * 4)  # + slots, weights
+        self.stats.a2a_bytes += rows_bytes
+        self.stats.a2a_counts_bytes += counts_bytes
         return routed.to(h.dtype)
 
 

@@ -329,8 +329,17 @@ def test_serve_config_file_is_valid():
     app = schema.applications[0]
     module, attr = app.import_path.split(":")
     assert callable(getattr(__import__(module, fromlist=[attr]), attr))
-    built = build_app(app.args)  # the args are accepted by the application
-    assert built is not None
+    from latentmoe.actors.names import INGRESS_DEPLOYMENT
+
+    built = build_app(app.args)  # the ingress deployment, bound to the config's args and with its settings
+    ingress = built._bound_deployment  # Ray 2.60 has no public accessor for an Application's deployment
+    assert isinstance(built, serve.Application) and ingress.name == INGRESS_DEPLOYMENT
+    assert ingress.init_args == (app.args,) and ingress.init_kwargs == {}
+    assert (ingress.max_ongoing_requests, ingress.max_queued_requests) == (
+        app.args["max_ongoing_requests"], app.args["max_queued_requests"])
+    autoscaling = ingress._deployment_config.autoscaling_config
+    assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (
+        app.args["min_replicas"], app.args["max_replicas"], app.args["target_ongoing_requests"])
     with pytest.raises(ValueError, match="unknown application argument"):
         build_app({"attention_shard": 1})
 

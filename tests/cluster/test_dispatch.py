@@ -1,4 +1,4 @@
-"""Dispatch planning, placement and the communicators, without Ray."""
+"""Dispatch planning, placement, and the exchange of one MoE layer over gloo between real processes, without Ray."""
 
 from __future__ import annotations
 
@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from latentmoe.cluster.communicator import GlooCommunicator, free_port
-from latentmoe.cluster.dispatch import plan_dispatch
+from latentmoe.cluster.communicator import GlooCommunicator, Traffic
+from latentmoe.cluster.dispatch import AttentionDispatcher, expert_exchange, plan_dispatch
 from latentmoe.cluster.placement import ExpertPlacement
 from latentmoe.model.config import ModelConfig
 from latentmoe.model.tiny import TINY_CONFIG
+from tests.cluster.test_communicator import run_ranks
 
 
 def test_each_token_goes_once_to_each_device_it_needs():
@@ -52,44 +52,6 @@ def test_placement_rejects_what_cannot_hold_groups_whole():
         ExpertPlacement.build(cfg, 17)
 
 
-def _all_to_all_worker(rank, world, address, results):
-    comm = GlooCommunicator(rank, world, address, timeout_s=30)
-    # rank r sends (r + 1) * dest rows to rank dest (rank 0 sends nothing to anyone): uneven and empty splits
-    send_splits = [0 if rank == 0 else (rank + 1) * dest for dest in range(world)]
-    send = torch.cat([torch.full((n, 2), float(10 * rank + dest)) for dest, n in enumerate(send_splits)])
-    recv_splits = comm.exchange_counts(send_splits)
-    out = comm.all_to_all(send, send_splits, recv_splits)
-    results[rank] = (recv_splits, out[:, 0].tolist())
-    comm.close()
-
-
-def test_gloo_all_to_all_uneven_splits():
-    world = 3
-    address = f"tcp://127.0.0.1:{free_port()}"
-    with mp.Manager() as manager:
-        results = manager.dict()
-        mp.start_processes(_all_to_all_worker, args=(world, address, results), nprocs=world, start_method="fork")
-        results = dict(results)
-    for rank in range(world):
-        expected_splits = [0 if src == 0 else (src + 1) * rank for src in range(world)]
-        recv_splits, values = results[rank]
-        assert recv_splits == expected_splits
-        assert values == [float(10 * src + rank) for src in range(world) for _ in range(expected_splits[src])]
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device and CuPy")
-def test_nccl_one_rank_group():
-    pytest.importorskip("cupy")
-    from latentmoe.cluster.communicator import NcclCommunicator
-
-    comm = NcclCommunicator(0, 1, NcclCommunicator.new_unique_id(), device=0)
-    send = torch.randn(5, 3, device="cuda")
-    assert comm.exchange_counts([5]) == [5]
-    assert torch.equal(comm.all_to_all(send, [5], [5]), send)
-    comm.close()
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_rows_and_metadata_travel_packed(dtype):
     from latentmoe.cluster.dispatch import pack_rows, unpack_rows
@@ -99,3 +61,98 @@ def test_rows_and_metadata_travel_packed(dtype):
     back_hidden, back_meta = unpack_rows(pack_rows(hidden, meta), 6, dtype)
     assert torch.equal(back_hidden, hidden) and torch.equal(back_meta, meta)
     assert torch.equal(unpack_rows(pack_rows(hidden[:0], meta[:0]), 6, dtype)[0], hidden[:0])
+
+
+# --- the traffic the communicator counted, against the ideal worked out here from the routing -------------------
+
+ATTENTION, EXPERT = [0, 1], [2, 3]  # ranks; expert shard s is rank EXPERT[s]
+LAYERS = [1, 2]
+TOKENS = {(0, 1): 7, (0, 2): 0, (1, 1): 5, (1, 2): 11}  # (rank, layer) -> tokens; one layer with none
+D, K, E = TINY_CONFIG["hidden_size"], TINY_CONFIG["num_experts_per_tok"], TINY_CONFIG["n_routed_experts"]
+
+
+def routing(rank: int, layer: int, dtype: torch.dtype):
+    """Hidden states, top-k ids (K distinct experts, any groups) and weights of one attention rank in one layer."""
+    gen = torch.Generator().manual_seed(100 * rank + layer)
+    T = TOKENS[rank, layer]
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]) if T else torch.empty(0, K).long()
+    if T:
+        ids[0] = torch.arange(K)  # experts 0..K-1 all live on shard 0: this token reaches one shard only
+    return torch.randn(T, D, generator=gen).to(dtype), ids, torch.rand(T, K, generator=gen) + 0.1
+
+
+class TaggedExperts:
+    """Stands in for ``RoutedExperts``: expert e scales its rows by e + 1, so a misrouted row shows."""
+
+    w13 = w2 = None
+
+    def __init__(self, expert_ids: list[int]):
+        self.expert_ids = torch.tensor(expert_ids)
+
+    def moe_impl(self, hidden, w13, w2, slot_ids, weights):
+        tag = torch.where(slot_ids >= 0, self.expert_ids[slot_ids.clamp(min=0)] + 1, 0)  # [M, K]
+        return (hidden.float() * (tag * weights).sum(1, keepdim=True)).to(hidden.dtype)
+
+
+def _exchange_worker(rank, world, address, results, dtype):
+    placement = ExpertPlacement.build(ModelConfig.from_dict(TINY_CONFIG), len(EXPERT))
+    comm = GlooCommunicator(rank, world, address, timeout_s=30)
+    if rank in ATTENTION:
+        dispatcher = AttentionDispatcher(comm, placement, EXPERT, max_k=K, num_experts=E)
+        errors = []
+        for layer in LAYERS:
+            h, ids, weights = routing(rank, layer, dtype)
+            routed = dispatcher.routed(layer, h, ids, weights)
+            expected = h.float() * (weights * (ids + 1)).sum(1, keepdim=True)
+            errors.append(float((routed.float() - expected).abs().max() / expected.abs().max()) if len(h) else 0.0)
+        results[rank] = dict(traffic=comm.traffic, stats=dispatcher.stats.as_dict(), errors=errors)
+    else:
+        experts = TaggedExperts(placement.experts_on(EXPERT.index(rank)))
+        rows = [expert_exchange(comm, experts, D, K, dtype)[0] for _ in LAYERS]
+        results[rank] = dict(traffic=comm.traffic, rows=rows)
+    comm.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_traffic_counted_by_the_communicator_is_the_ideal(dtype):
+    """Each token goes once to each expert shard holding one of its experts, with its K slots and weights, and
+    comes back once as a partial sum: the bytes each rank's communicator counted are exactly that."""
+    world = len(ATTENTION) + len(EXPERT)
+    results = run_ranks(_exchange_worker, world, dtype)
+
+    # the ideal, from the top-k ids and the placement only
+    shard_of_expert = ExpertPlacement.build(ModelConfig.from_dict(TINY_CONFIG), len(EXPERT)).shard_of_expert
+    there = D * dtype.itemsize + 2 * K * 4  # hidden state, then K slot ids and K weights as float32
+    back = D * dtype.itemsize
+    rows = {(a, s): 0 for a in ATTENTION for s in range(len(EXPERT))}  # (token, shard) pairs over the layers
+    for a in ATTENTION:
+        for layer in LAYERS:
+            for token in routing(a, layer, dtype)[1].tolist():
+                for s in {shard_of_expert[e] for e in token}:
+                    rows[a, s] += 1
+    counts = 8 * len(LAYERS)  # the split sizes: one int64 to and from every other rank per layer
+
+    for a in ATTENTION:
+        expected = Traffic.zero(world)
+        for r in range(world):
+            if r != a:
+                expected.sent[r] = expected.received[r] = counts
+        for s, r in enumerate(EXPERT):
+            expected.sent[r] += rows[a, s] * there
+            expected.received[r] += rows[a, s] * back
+        got = results[a]
+        assert got["traffic"] == expected, a
+        ideal = sum(rows[a, s] for s in range(len(EXPERT))) * (there + back)
+        assert got["stats"]["a2a_bytes"] == got["stats"]["ideal_bytes"] == ideal > 0
+        assert got["stats"]["a2a_counts_bytes"] == 2 * counts * (world - 1)
+        assert max(got["errors"]) < (1e-6 if dtype == torch.float32 else 1e-2), got["errors"]  # relative
+    for s, r in enumerate(EXPERT):
+        assert sum(results[r]["rows"]) == sum(rows[a, s] for a in ATTENTION)
+        expected = Traffic.zero(world)
+        for peer in range(world):
+            if peer != r:
+                expected.sent[peer] = expected.received[peer] = counts
+        for a in ATTENTION:
+            expected.received[a] += rows[a, s] * there
+            expected.sent[a] += rows[a, s] * back
+        assert results[r]["traffic"] == expected, r

@@ -7,11 +7,10 @@ import zlib
 
 import pytest
 import torch
+import transformers  # the reference: a test dependency, so a missing one fails rather than skips
 
 from latentmoe.model import ModelConfig, build_model, load_model, save_checkpoint
 from latentmoe.model.tiny import TINY_CONFIG, init_random
-
-transformers = pytest.importorskip("transformers")
 
 
 def small_config(**overrides) -> dict:
