@@ -17,7 +17,6 @@ transformers does: it only chooses experts, and bf16 would change its choices.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import re
@@ -182,8 +181,8 @@ def load_model(
     by_file: dict[Path, list[str]] = defaultdict(list)
     for name in targets:
         by_file[files[name]].append(name)
-    with contextlib.ExitStack() as stack:
-        handles = _Handles(stack)
+    handles = _Handles()
+    try:
         _check_scales(config, files, scales, handles, path)
         for file, names in sorted(by_file.items()):
             f = handles[file]
@@ -201,21 +200,30 @@ def load_model(
                 else:
                     out.copy_(tensor)
                 del tensor
+            handles.close(file)  # its pages read so far leave the resident set
+    finally:
+        handles.close_all()
     if attention and config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
     return model
 
 
 class _Handles(dict):
-    """Open safetensors files, opened on first use and closed with the ``ExitStack``."""
-
-    def __init__(self, stack: contextlib.ExitStack):
-        super().__init__()
-        self.stack = stack
+    """Open safetensors files (memory-mapped: the pages a read touches count as resident until the file is
+    closed), opened on first use, reopened after ``close``."""
 
     def __missing__(self, file: Path):
-        self[file] = self.stack.enter_context(safe_open(file, framework="pt", device="cpu"))
+        self[file] = safe_open(file, framework="pt", device="cpu").__enter__()
         return self[file]
+
+    def close(self, file: Path) -> None:
+        handle = self.pop(file, None)
+        if handle is not None:
+            handle.__exit__(None, None, None)
+
+    def close_all(self) -> None:
+        for file in list(self):
+            self.close(file)
 
 
 def _skip_mtp_layers(config: ModelConfig, files: dict[str, Path], path: Path) -> dict[str, Path]:
