@@ -168,6 +168,7 @@ class Router:
             raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
         try:
             ids = tokenize_prompt(self.tokenizer, self.model_config.vocab_size, self.max_model_len, prompt)
+            params.check_vocab(self.model_config.vocab_size)
         except ValueError:
             self.metrics.requests.inc(tags={"status": "invalid"})
             raise
@@ -447,6 +448,10 @@ class Router:
         if req is None:
             return
         tokens, chars = self.progress.get(request_id, ([], 0))
+        if req.params.num_samples > 1 and tokens:  # its samples' progress is not kept: they cannot resume
+            self._deliver(request_id, NoShardError("the attention shard of this request (n > 1) failed"))
+            self._finished(request_id, "error", time.monotonic())
+            return
         moved = NewRequest(request_id, req.prompt_token_ids, req.params, list(tokens), chars)
         try:
             self.state.move(moved)

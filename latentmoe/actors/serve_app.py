@@ -183,6 +183,7 @@ class LatentMoEServer:
             self.tokenizer = None
         self.max_model_len = self.info["max_model_len"]
         self.created = int(time.time())
+        self._token_texts: dict[int, str] = {}
 
     # ---- the engine, for both doors ---------------------------------------------------------------------------
 
@@ -312,46 +313,173 @@ class LatentMoEServer:
     async def chat_completions(self, request: Request):
         return await self._openai(request, chat=True)
 
+    def _token_text(self, token_id: int) -> str:
+        """A token's text (special tokens included), for logprobs."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else str(token_id)
+            self._token_texts[token_id] = text
+        return text
+
+    def _tokenize_all(self, req) -> tuple[list[list[int]], list[str]]:
+        """Every prompt of a request tokenized and checked before any runs (400 naming the bad one's index)."""
+        from latentmoe.cluster.engine import tokenize_prompt
+
+        try:
+            req.params.check_vocab(self.info["vocab_size"])
+        except ValueError as e:
+            raise oai.bad_request(str(e), "logit_bias") from None
+        ids, texts = [], []
+        for i, prompt in enumerate(req.prompts):
+            try:
+                ids.append(tokenize_prompt(self.tokenizer, self.info["vocab_size"], self.max_model_len, prompt))
+            except ValueError as e:
+                raise oai.bad_request(f"prompt[{i}]: {e}" if len(req.prompts) > 1 else str(e), "prompt") from None
+            if req.echo:
+                texts.append(prompt if isinstance(prompt, str) else self.tokenizer.decode(
+                    prompt, skip_special_tokens=req.params.skip_special_tokens) if self.tokenizer else "")
+        return ids, texts
+
     async def _openai(self, request: Request, chat: bool):
+        streams = []
         try:
             self._check_http_key(request)
             body = oai.decode_body(await request.body(), self.args.max_body_bytes)
             req = oai.parse_chat(body, self.tokenizer, self.max_model_len) if chat else oai.parse_completion(body)
             self._check_model(req.model)
+            prompt_ids, prompt_texts = self._tokenize_all(req)
             try:
-                first, stream = await self._first_and_rest(req.prompt, req.params, req.request_id)
+                for i, ids in enumerate(prompt_ids):
+                    request_id = req.request_id if len(prompt_ids) == 1 else f"{req.request_id}-{i}"
+                    streams.append(await self._first_and_rest(ids, req.params, request_id))
             except Exception as e:
+                for _, stream in streams:
+                    await stream.aclose()
                 raise _engine_error(e) from None
         except oai.ApiError as e:
             return _error(e)
-        created = int(time.time())
+        builder = oai.ResponseBuilder(req, prompt_ids, prompt_texts, self._token_text)
         if not req.stream:
-            out = first
-            async for out in stream:
-                pass
-            return (oai.chat_response if chat else oai.completion_response)(req, out, created)
+            async def final(first, stream):
+                out = first
+                async for out in stream:
+                    pass
+                return out
+
+            try:
+                outs = await asyncio.gather(*(final(first, stream) for first, stream in streams))
+            except Exception as e:  # noqa: BLE001
+                return _error(_engine_error(e))
+            finally:
+                for _, stream in streams:
+                    await stream.aclose()
+            return builder.response(outs)
 
         async def events():
-            out, is_first = first, True
+            queue: asyncio.Queue = asyncio.Queue()
+
+            async def pump(i, first, stream):
+                try:
+                    await queue.put((i, first))
+                    async for out in stream:
+                        await queue.put((i, out))
+                    await queue.put((i, None))
+                except Exception as e:  # noqa: BLE001: handed to the consumer
+                    await queue.put((i, e))
+
+            tasks = [asyncio.get_running_loop().create_task(pump(i, first, stream))
+                     for i, (first, stream) in enumerate(streams)]
             try:
-                while True:
-                    if out.delta_text or out.finished or (chat and is_first):
-                        chunk = (oai.chat_chunk(req, out, created, is_first) if chat
-                                 else oai.completion_chunk(req, out, created))
+                remaining = len(tasks)
+                while remaining:
+                    i, item = await queue.get()
+                    if item is None:
+                        remaining -= 1
+                        continue
+                    if isinstance(item, Exception):
+                        raise item
+                    chunk = builder.chunk(i, item)
+                    if chunk is not None:
                         yield oai.sse(chunk)
-                        is_first = False
-                    if out.finished:
-                        break
-                    out = await stream.__anext__()
                 if req.include_usage:
-                    yield oai.sse(oai.usage_chunk(req, out, created, chat))
+                    yield oai.sse(builder.usage_chunk())
                 yield oai.sse("[DONE]")
             except Exception as e:  # the engine failed mid-stream: say so in the stream, then end it
                 yield oai.sse(_engine_error(e).body())
             finally:
-                await stream.aclose()
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for _, stream in streams:
+                    await stream.aclose()
 
         return StreamingResponse(events(), media_type="text/event-stream")
+
+    # ---- vLLM's extra endpoints ---------------------------------------------------------------------------------
+
+    async def _json_body(self, request: Request, known: set[str]) -> dict:
+        self._check_http_key(request)
+        body = oai.decode_body(await request.body(), self.args.max_body_bytes)
+        unknown = sorted(set(body) - known)
+        if unknown:
+            raise oai.bad_request(f"unknown parameter(s) {unknown}", unknown[0])
+        if body.get("model") is not None:
+            self._check_model(body["model"])
+        if self.tokenizer is None:
+            raise oai.bad_request("this checkpoint has no tokenizer.json")
+        return body
+
+    @app.post("/tokenize")
+    async def tokenize(self, request: Request):
+        """vLLM's ``/tokenize``: ``prompt`` (text) or ``messages`` (chat template) -> token ids."""
+        try:
+            body = await self._json_body(request, {"model", "prompt", "messages", "add_special_tokens",
+                                                   "add_generation_prompt", "return_token_strs"})
+            for name in ("add_special_tokens", "add_generation_prompt", "return_token_strs"):
+                if not isinstance(body.get(name, True), bool):
+                    raise oai.bad_request(f"{name} must be a boolean", name)
+            if ("prompt" in body) == ("messages" in body):
+                raise oai.bad_request("give prompt (a string) or messages", "prompt")
+            if "messages" in body:
+                chat = oai.parse_chat({"model": self.model_name, "messages": body["messages"]}, self.tokenizer,
+                                      self.max_model_len)
+                text = chat.prompt if body.get("add_generation_prompt", True) else self.tokenizer.apply_chat_template(
+                    [{"role": m["role"], "content": m["content"]} for m in body["messages"]],
+                    add_generation_prompt=False)
+            else:
+                text = body["prompt"]
+                if not isinstance(text, str):
+                    raise oai.bad_request("prompt must be a string", "prompt")
+            ids = self.tokenizer.encode(text, add_bos=None if body.get("add_special_tokens", True) else False)
+        except oai.ApiError as e:
+            return _error(e)
+        strs = [self._token_text(t) for t in ids] if body.get("return_token_strs") else None
+        return {"count": len(ids), "max_model_len": self.max_model_len, "tokens": ids, "token_strs": strs}
+
+    @app.post("/detokenize")
+    async def detokenize(self, request: Request):
+        """vLLM's ``/detokenize``: ``tokens`` -> ``prompt`` (the text)."""
+        try:
+            body = await self._json_body(request, {"model", "tokens"})
+            tokens = body.get("tokens")
+            if not oai._is_ids(tokens):
+                raise oai.bad_request("tokens must be a list of token ids", "tokens")
+            bad = [t for t in tokens if not 0 <= t < self.info["vocab_size"]]
+            if bad:
+                raise oai.bad_request(f"token id(s) {bad[:5]} outside the vocabulary [0, {self.info['vocab_size']})",
+                                      "tokens")
+        except oai.ApiError as e:
+            return _error(e)
+        return {"prompt": self.tokenizer.decode(tokens, skip_special_tokens=False)}
+
+    @app.get("/version")
+    async def version(self):
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            return {"version": version("latentmoe")}
+        except PackageNotFoundError:
+            return {"version": "0.1.0"}
 
     # ---- gRPC: latentmoe.v1.Generator ---------------------------------------------------------------------------
 
@@ -368,7 +496,7 @@ class LatentMoEServer:
             if model and model != self.model_name:
                 raise ValueError(f"model: {model!r} does not exist; this server serves {self.model_name!r}")
             request_id = request_id or f"grpc-{uuid.uuid4().hex}"
-            return (request_id, *await self._first_and_rest(prompt, params, request_id))
+            return (params, *await self._first_and_rest(prompt, params, request_id))
         except Exception as e:
             _set_grpc_error(grpc_context, e)
             raise
@@ -377,24 +505,30 @@ class LatentMoEServer:
         """The whole completion in one response."""
         from latentmoe.proto.convert import output_to_proto
 
-        _, out, stream = await self._grpc_start(request, grpc_context)
+        params, out, stream = await self._grpc_start(request, grpc_context)
+        prompt_logprobs = out.prompt_logprobs
         try:
             async for out in stream:
-                pass
+                prompt_logprobs = out.prompt_logprobs or prompt_logprobs
         except Exception as e:
             _set_grpc_error(grpc_context, e)
             raise
-        return output_to_proto(out, delta=False)
+        out.prompt_logprobs = prompt_logprobs
+        return output_to_proto(out, delta=False, params=params, token_text=self._token_text)
 
     async def GenerateStream(self, request, grpc_context):  # noqa: N802
         """One response per step that produced text or tokens; the last has ``finished`` and usage."""
         from latentmoe.proto.convert import output_to_proto
 
-        _, out, stream = await self._grpc_start(request, grpc_context)
+        params, out, stream = await self._grpc_start(request, grpc_context)
+        sent_prompt = out.prompt_logprobs is not None
         try:
-            yield output_to_proto(out, delta=True)
+            yield output_to_proto(out, delta=True, params=params, token_text=self._token_text)
             async for out in stream:
-                yield output_to_proto(out, delta=True)
+                if sent_prompt:  # the prompt's logprobs go out once
+                    out.prompt_logprobs = None
+                sent_prompt = sent_prompt or out.prompt_logprobs is not None
+                yield output_to_proto(out, delta=True, params=params, token_text=self._token_text)
         except Exception as e:
             _set_grpc_error(grpc_context, e)
             raise

@@ -43,7 +43,9 @@ MAX_NUM_REQUESTS = 4
 OUTPUT_TIMEOUT_S = 20.0  # the ingress's longest wait for the router's next output
 RECOVERY_TIMEOUT_S = 15.0  # how long a replacement shard may take to come up
 APP_ARGS = {"served_model_name": "tiny", "attention_shards": 1, "expert_shards": 2,
-            "engine": {"block_size": 16, "num_blocks": 128}, "max_num_requests": MAX_NUM_REQUESTS,
+            # a small token budget: prompts longer than 64 tokens are prefilled in chunks
+            "engine": {"block_size": 16, "num_blocks": 128, "max_num_batched_tokens": 64},
+            "max_num_requests": MAX_NUM_REQUESTS,
             "max_ongoing_requests": 48, "max_queued_requests": 16, "min_replicas": 1, "max_replicas": 1,
             "max_body_bytes": 65536, "step_timeout_s": 20.0, "recovery_timeout_s": RECOVERY_TIMEOUT_S,
             "output_timeout_s": OUTPUT_TIMEOUT_S, "api_key": None, "api_key_env": None}
@@ -177,6 +179,17 @@ BAD_HTTP = [
     ({"model": "tiny", "prompt": ""}, 400, "prompt is empty"),
     ({"model": "tiny", "prompt": "x " * 3000}, 400, "context length"),
     ({"model": "tiny", "prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"model": "tiny", "prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"model": "tiny", "prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ({"model": "tiny", "prompt": "hi", "n": 2, "best_of": 1}, 400, "best_of"),
+    ({"model": "tiny", "prompt": "hi", "logit_bias": {"5000": 1}}, 400, "logit_bias"),
+    ({"model": "tiny", "prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ({"model": "tiny", "prompt": "hi", "min_tokens": 99, "max_tokens": 4}, 400, "min_tokens"),
+    ({"model": "tiny", "prompt": "hi", "stream": True, "best_of": 2}, 400, "best_of"),
+    ({"model": "tiny", "prompt": "hi", "bogus_field": 1}, 400, "bogus_field"),
+    ({"model": "tiny", "prompt": ["fine", "", "also fine"]}, 400, "prompt[1]: prompt is empty"),
+    ({"model": "tiny", "prompt": ["fine", [5, 10**7]]}, 400, "prompt[1]"),
     ({"model": "tiny", "prompt": "hi", "max_tokens": -3}, 400, "max_tokens"),
     ({"model": "tiny", "prompt": "hi", "temperature": -1}, 400, "temperature"),
     ({"model": "tiny", "prompt": "hi", "top_p": 1.5}, 400, "top_p"),
@@ -230,6 +243,336 @@ def test_bad_grpc_input(server, reference, mutate, field):
         assert field in info.value.details()
     assert list(stub.Generate(request_to_proto("hi", greedy(3)), timeout=60).token_ids) == \
         reference.generate("hi", greedy(3))[0].token_ids
+
+
+# ---- the clients people point at an OpenAI server: logprobs, echo, n, penalties, vLLM's extensions --------------
+
+@pytest.fixture(scope="module")
+def hf_model(tiny_dir):
+    import torch
+    import transformers
+
+    return transformers.DeepseekV2ForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32).eval()
+
+
+def hf_logprobs(hf_model, ids):
+    import torch
+
+    with torch.no_grad():
+        return hf_model(torch.tensor([ids])).logits[0].float().log_softmax(-1)  # row i predicts ids[i + 1]
+
+
+def token_text(reference, token):
+    return reference.tokenizer.decode([token], skip_special_tokens=False)
+
+
+def expected_top(reference, row, token, num_top):
+    """Completions' top_logprobs entry as vLLM builds it: the top-N by text, and the token itself."""
+    values, ids = row.topk(num_top)
+    top = {token_text(reference, t): v for t, v in zip(ids.tolist(), values.tolist())}
+    top.setdefault(token_text(reference, token), row[token].item())
+    return top
+
+
+def check_completion_logprobs(reference, lp, ids, ref, num_top, first_is_prompt):
+    assert lp["tokens"] == [token_text(reference, t) for t in ids]
+    for i, token in enumerate(ids):
+        if i == 0 and first_is_prompt:
+            assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+            continue
+        row = ref[i - 1]
+        assert abs(lp["token_logprobs"][i] - row[token].item()) < 1e-4
+        want = expected_top(reference, row, token, num_top)
+        assert lp["top_logprobs"][i].keys() == want.keys()
+        assert list(lp["top_logprobs"][i].values()) == pytest.approx(list(want.values()), abs=1e-4)
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(ids))]
+
+
+def test_logprobs_and_echo_match_transformers_http(server, client, reference, hf_model):
+    rng = random.Random(15)
+    prompt = [rng.randrange(2, 1024) for _ in range(150)]  # over the token budget: a chunked prefill
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, echo=True,
+                                    logprobs=3, extra_body={"ignore_eos": True})
+    choice = out.choices[0]
+    generated = reference.generate([prompt], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0]
+    ids = prompt + generated.token_ids
+    ref = hf_logprobs(hf_model, ids)
+    lp = choice.logprobs.model_dump()
+    check_completion_logprobs(reference, lp, ids, ref, 3, first_is_prompt=True)
+    assert choice.text == reference.tokenizer.decode(prompt) + generated.text
+    # lm-eval's loglikelihood request, exactly: echo, logprobs 1, max_tokens 1
+    r = httpx.post(server["http"] + "/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": [prompt[:40], prompt[40:90]], "temperature": 0, "max_tokens": 1, "logprobs": 1,
+        "seed": 1234, "echo": True}).json()
+    assert [c["index"] for c in r["choices"]] == [0, 1]
+    for part, c in zip((prompt[:40], prompt[40:90]), r["choices"]):
+        part_ref = hf_logprobs(hf_model, part)
+        assert c["logprobs"]["token_logprobs"][1:-1] == pytest.approx(
+            [part_ref[i - 1, part[i]].item() for i in range(1, len(part))], abs=1e-4)
+    # max_tokens 0 with echo: the prompt's logprobs alone
+    r = httpx.post(server["http"] + "/v1/completions", timeout=60, json={
+        "model": "tiny", "prompt": prompt, "max_tokens": 0, "echo": True, "logprobs": 2}).json()
+    check_completion_logprobs(reference, r["choices"][0]["logprobs"], prompt, ref, 2, first_is_prompt=True)
+    assert r["usage"]["completion_tokens"] == 0
+    # streamed: the chunks' logprobs put together are the whole response's
+    chunks = list(client.completions.create(model="tiny", prompt=prompt, max_tokens=6, temperature=0, echo=True,
+                                            logprobs=3, stream=True, extra_body={"ignore_eos": True}))
+    streamed = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for c in chunks:
+        for key in streamed:
+            streamed[key] += getattr(c.choices[0].logprobs, key)
+    assert streamed == lp
+    # chat: logprobs true, top_logprobs 2, in OpenAI's chat shape (with bytes)
+    messages = [{"role": "user", "content": "Which experts are hot?"}]
+    chat_ids = reference.tokenizer.encode(reference.tokenizer.apply_chat_template(messages))
+    got = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5, temperature=0,
+                                         logprobs=True, top_logprobs=2)
+    content = got.choices[0].logprobs.content
+    gen = reference.generate([chat_ids], SamplingParams(max_tokens=5, temperature=0.0))[0].token_ids
+    chat_ref = hf_logprobs(hf_model, chat_ids + gen)
+    assert len(content) == len(gen)
+    for i, (entry, token) in enumerate(zip(content, gen)):
+        row = chat_ref[len(chat_ids) - 1 + i]
+        assert entry.token == token_text(reference, token) and entry.bytes == list(entry.token.encode())
+        assert abs(entry.logprob - row[token].item()) < 1e-4
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row.topk(2).values.tolist(), abs=1e-4)
+    streamed_chat = [e for c in client.chat.completions.create(
+        model="tiny", messages=messages, max_tokens=5, temperature=0, logprobs=True, top_logprobs=2, stream=True)
+        if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert [e.model_dump() for e in streamed_chat] == [e.model_dump() for e in content]
+    wait_idle(server)
+
+
+def test_logprobs_match_transformers_grpc(server, reference, hf_model):
+    stub = generate_pb2_grpc.GeneratorStub(server["grpc"])
+    rng = random.Random(16)
+    prompt = [rng.randrange(2, 1024) for _ in range(100)]
+    params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=4, prompt_logprobs=2)
+    whole = stub.Generate(request_to_proto(prompt, params), timeout=60)
+    ids = prompt + list(whole.token_ids)
+    ref = hf_logprobs(hf_model, ids)
+    assert len(whole.prompt_logprobs) == len(prompt) and not whole.prompt_logprobs[0].HasField("logprob")
+    for q in range(1, len(prompt)):
+        entry = whole.prompt_logprobs[q]
+        assert entry.token_id == prompt[q] and abs(entry.logprob - ref[q - 1, prompt[q]].item()) < 1e-4
+        assert [t.token_id for t in entry.top_logprobs] == ref[q - 1].topk(2).indices.tolist()
+    for i, entry in enumerate(whole.logprobs):
+        row = ref[len(prompt) - 1 + i]
+        assert entry.token_id == whole.token_ids[i] and abs(entry.logprob - row[entry.token_id].item()) < 1e-4
+        assert [t.logprob for t in entry.top_logprobs] == pytest.approx(row.topk(4).values.tolist(), abs=1e-4)
+        assert entry.token == token_text(reference, entry.token_id)
+    streamed = list(stub.GenerateStream(request_to_proto(prompt, params), timeout=60))
+    assert [e for m in streamed for e in m.logprobs] == list(whole.logprobs)
+    assert [e for m in streamed for e in m.prompt_logprobs] == list(whole.prompt_logprobs)
+    # n samples in choices, seeded: as the single-process engine draws them
+    sampled = SamplingParams(max_tokens=6, temperature=1.0, seed=5, n=3, ignore_eos=True)
+    got = stub.Generate(request_to_proto(prompt, sampled), timeout=60)
+    expected = reference.generate([prompt], sampled)[0]
+    assert [list(c.token_ids) for c in got.choices] == [c.token_ids for c in expected.outputs]
+    assert got.usage.completion_tokens == 18
+    with pytest.raises(grpc.RpcError) as info:
+        stub.Generate(request_to_proto(prompt, SamplingParams(logit_bias={99999: 1.0})), timeout=60)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "logit_bias" in info.value.details()
+    wait_idle(server)
+
+
+def _vllm_bench_stream(url: str, payload: dict, headers: dict) -> dict:
+    """What vLLM's benchmark client (vllm/benchmarks/lib/endpoint_request_func.py) does with the stream:
+    'data: ' messages, choices[0].text deltas (chat: delta.content), then a usage message."""
+    result = {"text": "", "chunks": 0, "usage": None, "last": None}
+    with httpx.stream("POST", url, json=payload, headers=headers, timeout=120) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if not line or line.startswith(":"):
+                continue
+            chunk = line.removeprefix("data: ")
+            result["last"] = chunk
+            if chunk == "[DONE]":
+                continue
+            data = json.loads(chunk)
+            if choices := data.get("choices"):
+                result["chunks"] += 1
+                result["text"] += (choices[0].get("text") if "text" in choices[0]
+                                   else choices[0]["delta"].get("content")) or ""
+            elif usage := data.get("usage"):
+                result["usage"] = usage
+    return result
+
+
+def test_vllm_bench_serve_requests(server, reference):
+    """The request bodies of ``vllm bench serve`` (backend openai and openai-chat), field for field: vLLM puts
+    repetition_penalty 1.0, logprobs null and stream_options.include_usage in every one, ignore_eos with
+    --ignore-eos, and its sampling flags (temperature defaults to 0) through extra_body."""
+    prompt = "The experts of a mixture of experts model"
+    completions = {"model": "tiny", "prompt": prompt, "repetition_penalty": 1.0, "max_tokens": 16, "logprobs": None,
+                   "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True,
+                   "temperature": 0.0}
+    got = _vllm_bench_stream(server["http"] + "/v1/completions", completions, {"x-request-id": "bench-0"})
+    expected = reference.generate(prompt, SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))[0]
+    assert got["text"] == expected.text and got["last"] == "[DONE]"
+    assert got["usage"] == {"prompt_tokens": len(expected.prompt_token_ids), "completion_tokens": 16,
+                            "total_tokens": len(expected.prompt_token_ids) + 16}
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "text", "text": prompt}]}],
+            "max_completion_tokens": 8, "stream": True, "stream_options": {"include_usage": True},
+            "ignore_eos": True, "temperature": 0.0, "top_p": 1.0, "top_k": -1, "min_p": 0.0}
+    got = _vllm_bench_stream(server["http"] + "/v1/chat/completions", chat, {})
+    assert got["usage"]["completion_tokens"] == 8 and got["last"] == "[DONE]"
+    # the endpoints vLLM's clients probe
+    assert httpx.get(server["http"] + "/version", timeout=30).json()["version"]
+    tok = httpx.post(server["http"] + "/tokenize", json={"model": "tiny", "prompt": prompt}, timeout=30).json()
+    assert tok["tokens"] == reference.tokenizer.encode(prompt) and tok["count"] == len(tok["tokens"])
+    assert tok["max_model_len"] > 0
+    plain = httpx.post(server["http"] + "/tokenize", json={"prompt": prompt, "add_special_tokens": False,
+                                                           "return_token_strs": True}, timeout=30).json()
+    assert plain["tokens"] == reference.tokenizer.encode(prompt, add_bos=False) and len(plain["token_strs"]) == \
+        plain["count"]
+    back = httpx.post(server["http"] + "/detokenize", json={"model": "tiny", "tokens": plain["tokens"]}, timeout=30)
+    assert back.json() == {"prompt": prompt}
+    for path, body, param in (("/tokenize", {"prompt": 5}, "prompt"), ("/detokenize", {"tokens": [10**7]}, "tokens"),
+                              ("/tokenize", {"prompt": "x", "bogus": 1}, "bogus")):
+        r = httpx.post(server["http"] + path, json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_openai_client_every_field(server, client, reference):
+    prompts = ["The experts of a mixture", [5, 6, 7, 8, 9]]
+    fields = dict(max_tokens=8, temperature=0.8, top_p=0.9, seed=11, n=2, presence_penalty=0.5,
+                  frequency_penalty=0.3, logit_bias={"7": 2.0, "100": -5.0}, stop=["zq"], logprobs=2)
+    extra = {"repetition_penalty": 1.2, "min_p": 0.05, "min_tokens": 2, "top_k": 40, "ignore_eos": True,
+             "include_stop_str_in_output": True, "skip_special_tokens": True}
+    out = client.completions.create(model="tiny", prompt=prompts, extra_body=extra, **fields)
+    params = SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=11, n=2, presence_penalty=0.5,
+                            frequency_penalty=0.3, logit_bias={7: 2.0, 100: -5.0}, stop=["zq"], logprobs=2,
+                            repetition_penalty=1.2, min_p=0.05, min_tokens=2, top_k=40, ignore_eos=True,
+                            include_stop_str_in_output=True)
+    expected = reference.generate(prompts, params)
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]  # prompt-major
+    assert [c.text for c in out.choices] == [c.text for e in expected for c in e.outputs]
+    assert all(len(c.logprobs.tokens) == 8 for c in out.choices)
+    assert out.usage.completion_tokens == 32
+    assert out.usage.prompt_tokens == sum(len(e.prompt_token_ids) for e in expected)
+    again = client.completions.create(model="tiny", prompt=prompts, extra_body=extra, **fields)
+    assert [c.text for c in again.choices] == [c.text for c in out.choices]
+    # best_of: the n most likely of best_of samples
+    best = client.completions.create(model="tiny", prompt=prompts[1], max_tokens=6, temperature=1.0, seed=3, n=1,
+                                     best_of=3, extra_body={"ignore_eos": True})
+    every = reference.generate([prompts[1]], SamplingParams(max_tokens=6, temperature=1.0, seed=3, n=3,
+                                                            ignore_eos=True, logprobs=0))[0]
+    assert best.choices[0].text == max(every.outputs, key=lambda c: c.cumulative_logprob).text
+    # streamed with n and batched prompts: each choice's deltas add up
+    chunks = list(client.completions.create(model="tiny", prompt=prompts, stream=True, extra_body=extra,
+                                            stream_options={"include_usage": True}, **fields))
+    texts = {}
+    for c in chunks:
+        for choice in c.choices:
+            texts[choice.index] = texts.get(choice.index, "") + choice.text
+    assert [texts[i] for i in range(4)] == [c.text for c in out.choices]
+    assert chunks[-1].usage.completion_tokens == 32 and not chunks[-1].choices
+    # chat: n, seed, penalties, logprobs
+    messages = [{"role": "user", "content": "Which experts are hot?"}]
+    chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=6, temperature=0.7, seed=2, n=3,
+                                          presence_penalty=1.0, frequency_penalty=0.5, logprobs=True, top_logprobs=1,
+                                          logit_bias={"9": 1.0}, stop=["\n\n"], extra_body={"ignore_eos": True})
+    chat_ids = reference.tokenizer.encode(reference.tokenizer.apply_chat_template(messages))
+    expected = reference.generate([chat_ids], SamplingParams(max_tokens=6, temperature=0.7, seed=2, n=3,
+                                                             presence_penalty=1.0, frequency_penalty=0.5,
+                                                             logit_bias={9: 1.0}, stop=["\n\n"], ignore_eos=True))[0]
+    assert [c.message.content for c in chat.choices] == [c.text for c in expected.outputs]
+    # out-of-range values: 400 naming the field; the server goes on
+    for bad, param in (({"presence_penalty": 3}, "presence_penalty"), ({"n": 0}, "n"), ({"min_p": 2}, "min_p"),
+                       ({"top_logprobs": 3}, "top_logprobs"), ({"logprobs": True, "top_logprobs": 30}, "top_logprobs"),
+                       ({"echo": True}, "echo")):
+        r = httpx.post(server["http"] + "/v1/chat/completions", timeout=30,
+                       json={"model": "tiny", "messages": messages} | bad)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, (bad, r.text)
+    r = httpx.post(server["http"] + "/v1/completions", timeout=30,
+                   json={"model": "tiny", "prompt": ["ok", 5]})
+    assert r.status_code == 400 and "prompt[1]" in r.json()["error"]["message"]
+    wait_idle(server)
+
+
+def test_n4_seeded_reproducible_and_prefilled_once(server, client, reference):
+    prompt = [9, 8, 7, 6, 5, 4, 3, 2, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23]  # 21: a partial block
+    before = wait_idle(server)
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": 10, "temperature": 1.0, "seed": 77, "n": 4,
+            "ignore_eos": True}
+    first = httpx.post(server["http"] + "/v1/completions", json=body, timeout=60).json()
+    after = wait_idle(server)
+    run = sum(s["num_tokens_run"] for s in after["shards"]) - sum(s["num_tokens_run"] for s in before["shards"])
+    assert run == len(prompt) + 4 * 9  # the prompt once, then 9 decode steps per sample
+    forked = sum(s["num_forked_blocks"] for s in after["shards"]) - sum(s["num_forked_blocks"] for s in
+                                                                        before["shards"])
+    copied = sum(s["num_copied_blocks"] for s in after["shards"]) - sum(s["num_copied_blocks"] for s in
+                                                                        before["shards"])
+    assert forked == 3 * 2 and copied == 3  # the prompt's 2 blocks go to 3 forks; the partial one is copied 3 times
+    assert after["num_free_blocks"] == after["num_blocks"]
+    second = httpx.post(server["http"] + "/v1/completions", json=body, timeout=60).json()
+    texts = [c["text"] for c in first["choices"]]
+    assert texts == [c["text"] for c in second["choices"]] and len(set(texts)) > 1
+    expected = reference.generate([prompt], SamplingParams(max_tokens=10, temperature=1.0, seed=77, n=4,
+                                                           ignore_eos=True))[0]
+    assert texts == [c.text for c in expected.outputs]
+
+
+def test_grpc_reflection_lists_and_describes(server):
+    from google.protobuf.descriptor_pool import DescriptorPool
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    database = ProtoReflectionDescriptorDatabase(server["grpc"])
+    services = database.get_services()
+    assert "latentmoe.v1.Generator" in services and "grpc.health.v1.Health" in services
+    pool = DescriptorPool(database)
+    request = pool.FindMessageTypeByName("latentmoe.v1.GenerateRequest")
+    assert {"text", "token_ids", "params", "request_id", "model"} <= {f.name for f in request.fields}
+    params = pool.FindMessageTypeByName("latentmoe.v1.SamplingParams")
+    assert {"logprobs", "prompt_logprobs", "n", "best_of", "logit_bias", "repetition_penalty"} <= {
+        f.name for f in params.fields}
+    service = pool.FindServiceByName("latentmoe.v1.Generator")
+    assert {m.name for m in service.methods} == {"Generate", "GenerateStream", "GetExpertLoad"}
+
+
+LM_EVAL_DOCS = [
+    {"question": "Experts in a mixture are", "choices": [" routed", " banana", " sparse", " dense"], "answer": 0},
+    {"question": "Latent attention caches", "choices": [" one vector", " two", " keys and values"], "answer": 2},
+    {"question": "1 2 3 4", "choices": [" 5", " 6 7", " x"], "answer": 0},
+    {"question": "The router picks", "choices": [" top-k experts", " nothing", " all"], "answer": 1},
+]
+
+
+def _lm_eval_task(tmp_path) -> Path:
+    (tmp_path / "docs.jsonl").write_text("\n".join(json.dumps(d) for d in LM_EVAL_DOCS) + "\n")
+    (tmp_path / "latentmoe_mc.yaml").write_text(yaml.safe_dump({
+        "task": "latentmoe_mc", "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(tmp_path / "docs.jsonl")}},
+        "test_split": "test", "output_type": "multiple_choice", "doc_to_text": "{{question}}",
+        "doc_to_choice": "{{choices}}", "doc_to_target": "{{answer}}",
+        "metric_list": [{"metric": "acc"}]}))
+    return tmp_path
+
+
+def test_lm_eval_local_completions_equals_its_hf_model(server, tiny_dir, tmp_path):
+    """lm-eval-harness itself: local-completions against the server and its own hf model on the same
+    checkpoint give the same accuracy and the same loglikelihood for every choice."""
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    tasks = TaskManager(include_path=str(_lm_eval_task(tmp_path)))
+    served = lm_eval.simple_evaluate(
+        model="local-completions", tasks=["latentmoe_mc"], task_manager=tasks, log_samples=True,
+        model_args=f"model=tiny,base_url={server['http']}/v1/completions,tokenizer={tiny_dir},"
+                   "tokenizer_backend=huggingface,tokenized_requests=True,num_concurrent=1,max_retries=1")
+    local = lm_eval.simple_evaluate(model="hf", tasks=["latentmoe_mc"], task_manager=tasks, log_samples=True,
+                                    model_args=f"pretrained={tiny_dir},dtype=float32", device="cpu")
+    assert served["results"]["latentmoe_mc"]["acc,none"] == local["results"]["latentmoe_mc"]["acc,none"]
+
+    def loglikelihoods(result):
+        return {s["doc_id"]: [r[0][0] for r in s["resps"]] for s in result["samples"]["latentmoe_mc"]}
+
+    got, want = loglikelihoods(served), loglikelihoods(local)
+    assert got.keys() == want.keys() == set(range(len(LM_EVAL_DOCS)))
+    for doc in want:
+        assert got[doc] == pytest.approx(want[doc], abs=1e-3), doc
+    wait_idle(server)
 
 
 def test_overload_gets_503_and_the_rest_are_served(server, reference):
