@@ -4,8 +4,12 @@ An attention shard holds everything except the routed experts (embedding, MLA, g
 shared experts, dense layers, lm_head) plus the latent cache of its requests; an expert
 shard holds ``1/E`` of the routed experts and no per-request state.
 
-    .venv/bin/python deploy/sizing.py                       # the table in README.md ("Deploying")
-    .venv/bin/python deploy/sizing.py path/to/config.json   # any DeepSeek-V2-family checkpoint
+    .venv/bin/python deploy/sizing.py                       # the tables in README.md ("Deploying")
+    .venv/bin/python deploy/sizing.py path/to/config.json   # any DeepSeek-V2/V3-family checkpoint
+
+Bytes are bf16's, the serving dtype: DeepSeek-V3 and Kimi-K2 ship in FP8, which latentmoe
+dequantizes at load, so a shard holds twice its weights' bytes on disk. V3's multi-token-
+prediction layer is skipped at load and not counted.
 """
 
 from __future__ import annotations
@@ -73,7 +77,8 @@ def model_size(cfg: ModelConfig, bytes_per_param: int = 2) -> ModelSize:
     num_moe = len(cfg.moe_layers)
     expert = 3 * H * cfg.moe_intermediate_size
     routed = (cfg.n_routed_experts or 0) * expert
-    moe_attention_side = (cfg.n_routed_experts or 0) * H + (cfg.n_shared_experts or 0) * expert  # gate, shared
+    bias = (cfg.n_routed_experts or 0) if cfg.topk_method == "noaux_tc" else 0  # V3's e_score_correction_bias
+    moe_attention_side = (cfg.n_routed_experts or 0) * H + bias + (cfg.n_shared_experts or 0) * expert  # gate, shared
     embedding = V * H
     attention_params = (
         embedding + V * H + H  # embed_tokens, lm_head, final norm
@@ -96,8 +101,20 @@ def model_size(cfg: ModelConfig, bytes_per_param: int = 2) -> ModelSize:
 
 
 def published(name: str) -> ModelConfig:
-    """``deepseek-v2`` or ``deepseek-v2-lite``: the published configs shipped in the package."""
+    """A published config shipped in the package: ``deepseek-v2``, ``deepseek-v2-lite``, ``deepseek-v3``,
+    ``kimi-k2`` or ``moonlight``."""
     return ModelConfig.from_dict(json.loads((CONFIGS / f"{name}.json").read_text()))
+
+
+def v2_models() -> dict[str, ModelConfig]:
+    return {"DeepSeek-V2-Lite": published("deepseek-v2-lite"), "DeepSeek-V2": published("deepseek-v2")}
+
+
+def v3_models() -> dict[str, ModelConfig]:
+    return {"DeepSeek-V3": published("deepseek-v3"), "Kimi-K2": published("kimi-k2")}
+
+
+V3_EXPERT_SHARDS = (8, 16, 32, 64)
 
 
 def table(models: dict[str, ModelConfig], expert_shards=(1, 2, 4, 8, 16), gpu_gib: int = 80) -> str:
@@ -124,9 +141,11 @@ def table(models: dict[str, ModelConfig], expert_shards=(1, 2, 4, 8, 16), gpu_gi
 def main(argv: list[str]) -> None:
     if argv:
         models = {Path(p).parent.name or p: ModelConfig.from_json(p) for p in argv}
-    else:
-        models = {"DeepSeek-V2-Lite": published("deepseek-v2-lite"), "DeepSeek-V2": published("deepseek-v2")}
-    print(table(models))
+        print(table(models))
+        return
+    print(table(v2_models()))
+    print()
+    print(table(v3_models(), expert_shards=V3_EXPERT_SHARDS))
 
 
 if __name__ == "__main__":
