@@ -121,6 +121,8 @@ def serve(
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster (default: the one on this machine; with "
                                               "none running, a local multi-node cluster is started and stopped)."),
     ray_port: int = typer.Option(6379, help="GCS port of the local cluster started when none runs."),
+    ray_dashboard: bool = typer.Option(True, help="Ray's dashboard on that cluster's head (about 150 MiB; "
+                                       "ray list, Prometheus service discovery)."),
     max_replicas: int = typer.Option(2, help="Autoscaling: most ingress replicas."),
     api_key: Optional[str] = typer.Option(None, envvar="LATENTMOE_API_KEY", show_default=False,
                                           help="Require 'Authorization: Bearer KEY' on /v1/* and on gRPC Generator "
@@ -140,7 +142,7 @@ def serve(
     echo = lambda m: typer.echo(m, err=True)  # noqa: E731
     # the cluster given, or the one on this machine; with none, a local multi-node one that ends with the server
     started_cluster = ensure_ray(ray_address, attention_shards, expert_shards, echo=echo, record=True,
-                                 port=ray_port)
+                                 port=ray_port, dashboard=ray_dashboard)
     args = {"model": str(model) if model else None, "attention_shards": attention_shards,
             "expert_shards": expert_shards, "engine": {"dtype": dtype, "device": device},
             "max_replicas": max_replicas, "api_key": api_key or None}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import torch
 
@@ -11,6 +12,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+
+from latentmoe.actors.local_cluster import ray_auth_env, use_ray_auth  # noqa: E402
+
+# Every Ray cluster of the suite runs as latentmoe's local clusters do: with token authentication, on a token
+# of the suite's own (never the user's ~/.ray/auth_token), set before any test starts a node or a client.
+_AUTH_DIR = tempfile.mkdtemp(prefix="latentmoe-test-ray-auth-")
+use_ray_auth(ray_auth_env("token", environ={"RAY_AUTH_TOKEN_PATH": os.path.join(_AUTH_DIR, "auth_token")}))
 
 from latentmoe.model.tiny import make_tiny  # noqa: E402
 

@@ -17,7 +17,7 @@ logger = logging.getLogger(__name__)
 
 def ensure_ray(address: str | None = None, attention_shards: int = 1, expert_shards: int = 1, *,
                echo: Callable[[str], None] | None = None, record: bool = False,
-               port: int = DEFAULT_PORT) -> LocalCluster | None:
+               port: int = DEFAULT_PORT, dashboard: bool = True) -> LocalCluster | None:
     """Connect this process to a Ray cluster, starting one if there is none; returns the cluster it started.
 
     In order: the cluster this process is connected to; the one at ``address``; the one ``latentmoe cluster
@@ -44,8 +44,8 @@ def ensure_ray(address: str | None = None, attention_shards: int = 1, expert_sha
         return None
     echo = echo or logger.warning
     echo("no running Ray cluster found: starting a local multi-node one (head, attention and expert nodes)")
-    cluster = start_local_cluster(**cluster_shape(attention_shards, expert_shards), port=port, echo=echo,
-                                  record=record)
+    cluster = start_local_cluster(**cluster_shape(attention_shards, expert_shards), port=port, dashboard=dashboard,
+                                  echo=echo, record=record)
     try:
         use_ray_auth(cluster.env)
         ray.init(address=cluster.address, log_to_driver=False)

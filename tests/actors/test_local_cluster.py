@@ -1,0 +1,175 @@
+"""The local cluster as a newcomer meets it: Ray's token file, `latentmoe serve`, `LLM(...)` with no cluster
+running, and `latentmoe cluster stop` next to a Ray cluster it did not start.
+
+Each scenario runs the real commands in processes of their own, with a HOME and a Ray temp directory of
+their own (so neither the user's ~/.ray nor another Ray on the machine is seen), and a marker in their
+environment: every process they leave behind carries it, which is how "nothing runs afterwards" is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx2 as httpx
+import pytest
+
+from latentmoe.actors.local_cluster import cluster_shape, ray_auth_env
+from latentmoe.cluster.communicator import free_port
+from tests.actors.sandbox import BIN, PROMPT, Server, kill_marked, marked_pids, ray_made_token_file, sandbox, wait_gone
+
+
+# ---------------------------------------------------------------------------------------------- plain units
+
+def test_auth_env_makes_a_private_token_once(tmp_path):
+    env = ray_auth_env(None, environ={}, home=tmp_path)
+    token = tmp_path / ".ray" / "auth_token"
+    assert env == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+    assert len(token.read_text()) == 64 and stat.S_IMODE(token.stat().st_mode) == 0o600
+    first = token.read_text()
+    assert ray_auth_env("token", environ={}, home=tmp_path) == env and token.read_text() == first  # reused
+
+
+def test_auth_env_respects_the_users_settings(tmp_path):
+    own = tmp_path / "my-token"
+    own.write_text("0123456789abcdef" * 4)
+    assert ray_auth_env(None, environ={"RAY_AUTH_TOKEN_PATH": str(own)}, home=tmp_path) == {
+        "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(own)}
+    assert own.read_text() == "0123456789abcdef" * 4
+    assert ray_auth_env(None, environ={"RAY_AUTH_TOKEN": "x" * 32}, home=tmp_path) == {"RAY_AUTH_MODE": "token"}
+    assert ray_auth_env(None, environ={"RAY_AUTH_MODE": "disabled"}, home=tmp_path) == {"RAY_AUTH_MODE": "disabled"}
+    assert ray_auth_env("disabled", environ={}, home=tmp_path) == {"RAY_AUTH_MODE": "disabled"}
+    assert not (tmp_path / ".ray").exists()  # nothing written when the user's token or no token is used
+    with pytest.raises(ValueError, match="'tokens'"):
+        ray_auth_env("tokens", environ={}, home=tmp_path)
+
+
+@pytest.mark.parametrize("attention, expert, want", [
+    (1, 2, dict(attention_nodes=1, expert_nodes=1, shards_per_node=2, cpus_per_node=2)),
+    (2, 2, dict(attention_nodes=1, expert_nodes=1, shards_per_node=2, cpus_per_node=2)),
+    (3, 5, dict(attention_nodes=1, expert_nodes=3, shards_per_node=3, cpus_per_node=3)),
+])
+def test_cluster_shape_holds_the_shards(attention, expert, want):
+    shape = cluster_shape(attention, expert)
+    assert shape == want
+    assert shape["attention_nodes"] * shape["shards_per_node"] >= attention
+    assert shape["expert_nodes"] * shape["shards_per_node"] >= expert
+
+
+# ------------------------------------------------------------------------------------- processes for real
+
+@pytest.fixture(scope="module")
+def greedy_text(tiny_dir):
+    from latentmoe import LLM, SamplingParams
+
+    out = LLM(model=str(tiny_dir)).generate([PROMPT], SamplingParams(max_tokens=8, temperature=0.0))[0]
+    return out.text, out.token_ids
+
+
+@pytest.mark.parametrize("token_file", ["left by ray.init()", "none"])
+def test_serve_with_and_without_a_token_file(tmp_path, tiny_dir, greedy_text, token_file):
+    env = sandbox(tmp_path)
+    token = Path(env["HOME"]) / ".ray" / "auth_token"
+    if token_file != "none":
+        ray_made_token_file(env)
+        before = token.read_text()
+    server = Server(env, tiny_dir)
+    try:
+        server.wait_ready()
+        assert server.complete()["choices"][0]["text"] == greedy_text[0]
+        state = server.state()
+        # token authentication on every node, with the user's token if there was one, else a new one
+        assert state["env"] == {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
+        if token_file != "none":
+            assert token.read_text() == before
+        assert len(state["nodes"]) == 3
+        # Ray's dashboard on the head, and it checks the token
+        dashboard = state["dashboard_url"]
+        assert httpx.get(dashboard + "/api/version", timeout=10).status_code == 401
+        ok = httpx.get(dashboard + "/api/version", timeout=10,
+                       headers={"Authorization": f"Bearer {token.read_text().strip()}"})
+        assert ok.status_code == 200, ok.text
+    finally:
+        server.stop()
+
+
+LLM_SCRIPT = """
+import json, sys
+from latentmoe import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], attention_shards=2, expert_shards=2)
+out = llm.generate([{prompt!r}], SamplingParams(max_tokens=8, temperature=0.0))[0]
+print(json.dumps({{"token_ids": out.token_ids, "shards": {{r: len(v) for r, v in llm.shard_info.items()
+                                                         if r in ("attention", "expert")}}}}))
+if sys.argv[2] == "shutdown":
+    llm.shutdown()
+"""
+
+
+@pytest.mark.parametrize("ending", ["shutdown", "interpreter exit, with RAY_AUTH_MODE=disabled"])
+def test_llm_starts_and_stops_its_own_cluster(tmp_path, tiny_dir, greedy_text, ending):
+    """``LLM(attention_shards=2, expert_shards=2)`` on this 2-core machine with no cluster running."""
+    disabled = "disabled" in ending
+    env = sandbox(tmp_path, **({"RAY_AUTH_MODE": "disabled"} if disabled else {}))
+    if disabled:
+        ray_made_token_file(env)  # the file that used to split head and workers
+    proc = subprocess.run([sys.executable, "-c", LLM_SCRIPT.format(prompt=PROMPT), str(tiny_dir),
+                           "shutdown" if ending == "shutdown" else "exit"],
+                          env=env, capture_output=True, text=True, timeout=400)
+    try:
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert result["token_ids"] == greedy_text[1]
+        assert result["shards"] == {"attention": 2, "expert": 2}
+        left = wait_gone(env, timeout=30)
+        assert not left, f"processes left after the LLM ended ({ending}): {left}"
+    finally:
+        kill_marked(env)
+
+
+def test_cluster_stop_stops_only_its_own(tmp_path):
+    env = sandbox(tmp_path)
+    ray, latentmoe = str(BIN / "ray"), str(BIN / "latentmoe")
+    # somebody else's Ray on the same machine, with a marker of its own
+    other_env = {**sandbox(tmp_path / "other"), "RAY_AUTH_MODE": "disabled"}
+    other_port = free_port()
+    subprocess.run([ray, "start", "--head", f"--port={other_port}", "--num-cpus=1", "--include-dashboard=false",
+                    "--disable-usage-stats"], env=other_env, check=True, timeout=180, capture_output=True,
+                   start_new_session=True)
+    port = free_port()
+    try:
+        start = subprocess.run([latentmoe, "cluster", "start", "--port", str(port), "--attention-nodes", "1",
+                                "--expert-nodes", "1", "--no-dashboard"],
+                               env=env, capture_output=True, text=True, timeout=300)
+        assert start.returncode == 0, start.stderr[-4000:]
+        assert start.stdout.strip() == f"127.0.0.1:{port}"
+        # Ray's own CLI joins it through `latentmoe cluster env`
+        exports = subprocess.run([latentmoe, "cluster", "env", "--port", str(port)], env=env, capture_output=True,
+                                 text=True, timeout=60, check=True).stdout
+        status = subprocess.run(["bash", "-c", f'eval "{exports}"; {ray} status'], env=env, capture_output=True,
+                                text=True, timeout=120)
+        assert status.returncode == 0, status.stderr[-3000:]
+        assert status.stdout.count(" node_") == 3, status.stdout
+        # without the token, Ray refuses (authentication is on)
+        refused = subprocess.run([ray, "status", f"--address=127.0.0.1:{port}"], env={**env, "RAY_AUTH_MODE": "disabled"},
+                                 capture_output=True, text=True, timeout=120)
+        assert refused.returncode != 0 and "InvalidAuthToken" in refused.stdout + refused.stderr
+
+        others = marked_pids(other_env)
+        assert others
+        stop = subprocess.run([latentmoe, "cluster", "stop", "--port", str(port)], env=env, capture_output=True,
+                              text=True, timeout=120)
+        assert stop.returncode == 0, stop.stderr
+        assert not wait_gone(env, timeout=30)
+        assert set(marked_pids(other_env)) == set(others), "cluster stop ended processes it did not start"
+        alive = subprocess.run([ray, "status", f"--address=127.0.0.1:{other_port}"], env=other_env,
+                               capture_output=True, text=True, timeout=120)
+        assert alive.returncode == 0, alive.stderr[-2000:]
+        again = subprocess.run([latentmoe, "cluster", "stop", "--port", str(port)], env=env, capture_output=True,
+                               text=True, timeout=60)
+        assert again.returncode == 1 and "no cluster started by `latentmoe cluster start`" in again.stderr
+    finally:
+        kill_marked(env)
+        kill_marked(other_env)
