@@ -21,6 +21,8 @@ import triton.language as tl
 
 from latentmoe.kernels.reference import fused_moe_ref  # noqa: F401  (re-exported: the reference of this op)
 
+__all__ = ["fused_moe", "fused_moe_ref", "moe_align_block_size", "moe_config"]
+
 
 @triton.jit
 def _moe_gate_up_kernel(

@@ -25,6 +25,8 @@ import triton.language as tl
 
 from latentmoe.kernels.reference import mla_decode_ref  # noqa: F401  (re-exported: the reference of this op)
 
+__all__ = ["mla_decode", "mla_decode_ref", "num_decode_splits"]
+
 
 @triton.jit
 def _mla_decode_split_kernel(

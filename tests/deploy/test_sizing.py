@@ -71,6 +71,6 @@ def test_attention_side_against_the_model(tiny_dir, tmp_path, arch):
 
 def test_deploying_md_has_the_computed_table():
     doc = (REPO / "README.md").read_text()
-    assert sizing.table(sizing.v2_models()) in doc, "re-run `python deploy/sizing.py` and paste its tables into README.md"
-    assert sizing.table(sizing.v3_models(), expert_shards=sizing.V3_EXPERT_SHARDS) in doc, \
-        "re-run `python deploy/sizing.py` and paste its tables into README.md"
+    stale = "re-run `python deploy/sizing.py` and paste its tables into README.md"
+    assert sizing.table(sizing.v2_models()) in doc, stale
+    assert sizing.table(sizing.v3_models(), expert_shards=sizing.V3_EXPERT_SHARDS) in doc, stale

@@ -121,7 +121,8 @@ def test_the_checkpoint_is_deepseeks_format(fp8_pair):
     with safe_open(files["model.layers.1.self_attn.q_b_proj.weight"], "pt") as f:
         w = f.get_tensor("model.layers.1.self_attn.q_b_proj.weight")
     assert w.dtype == torch.float8_e4m3fn and w.shape == (4 * 24, 144)
-    assert files["model.layers.1.self_attn.q_b_proj.weight"] != files["model.layers.1.self_attn.q_b_proj.weight_scale_inv"]
+    q_b = "model.layers.1.self_attn.q_b_proj.weight"
+    assert files[q_b] != files[q_b + "_scale_inv"]
     assert "model.layers.1.mlp.experts.3.down_proj.weight_scale_inv" in files
     assert "model.layers.1.mlp.gate.weight_scale_inv" not in files  # the router stays as it is
 

@@ -58,7 +58,8 @@ def test_make_tiny_v3_fp8(tmp_path):
 def test_make_tiny_from_published_v3_family_configs(tmp_path, name):
     """The published routing and model type, with small widths (a full-size one is 671 B parameters)."""
     cfg = published_config(name) | dict(vocab_size=300, hidden_size=64, intermediate_size=96, moe_intermediate_size=16,
-                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, kv_lora_rank=32,
+                                        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
+                                        kv_lora_rank=32,
                                         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
                                         first_k_dense_replace=1, max_position_embeddings=256)
     if cfg["q_lora_rank"]:
