@@ -40,7 +40,8 @@ class ServingMetrics:
                                        "Token-layer dispatches by the number of expert shards reached.",
                                        tag_keys=("devices",))
         self.a2a_bytes = metrics.Counter("latentmoe_all_to_all_bytes_total",
-                                         "Hidden-state bytes sent to and back from expert shards.")
+                                         "Bytes the communicators moved to and back from expert shards "
+                                         "(hidden states and routing).")
         self.shard_faults = metrics.Counter("latentmoe_shard_faults_total",
                                             "Shards that died or hung in a step, by kind (attention, expert).",
                                             tag_keys=("kind",))

@@ -190,8 +190,6 @@ class GrpcClient:
 
     async def expert_load(self, window_s: int) -> dict:
         """``GetExpertLoad`` in the shape of ``GET /v1/expert-load`` (see ``fetch_expert_load``)."""
-        if not hasattr(self.stub, "GetExpertLoad"):
-            return {"available": False, "reason": "these gRPC stubs have no GetExpertLoad (give --http-url)"}
         try:
             msg = await self.stub.GetExpertLoad(generate_pb2.ExpertLoadRequest(window_s=window_s), timeout=30,
                                                     metadata=self.metadata)
