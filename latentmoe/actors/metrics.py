@@ -10,11 +10,15 @@ from ray.util import metrics
 _LATENCY_BOUNDARIES = [0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 60]
 
 
+def requests_counter() -> metrics.Counter:
+    """Requests by how they ended: the router counts those it saw; the ingress those it refused first (invalid)."""
+    return metrics.Counter("latentmoe_requests_total", "Requests that ended, by status (stop, length, abort, error, "
+                           "overloaded, invalid).", tag_keys=("status",))
+
+
 class ServingMetrics:
     def __init__(self):
-        self.requests = metrics.Counter(
-            "latentmoe_requests_total", "Requests that ended, by status (stop, length, abort, error, "
-            "overloaded, invalid).", tag_keys=("status",))
+        self.requests = requests_counter()
         self.ttft = metrics.Histogram("latentmoe_time_to_first_token_seconds", "Admission to first token.",
                                       boundaries=_LATENCY_BOUNDARIES)
         self.itl = metrics.Histogram("latentmoe_inter_token_latency_seconds", "Time between output tokens.",

@@ -168,6 +168,9 @@ class LatentMoEServer:
             model = str(default_model_dir())
         config = EngineConfig.from_dict({"model": model, **self.args.engine})
         self.model_name = self.args.served_model_name or model.rstrip("/").split("/")[-1]
+        from latentmoe.actors.metrics import requests_counter
+
+        self._requests = requests_counter()  # the requests refused here, before the engine sees them
         self.router, self.info = start_router(
             dataclasses.asdict(config), self.args.attention_shards, self.args.expert_shards,
             timeout_s=self.args.start_timeout_s, max_num_requests=self.args.max_num_requests,
@@ -341,13 +344,14 @@ class LatentMoEServer:
         return ids, texts
 
     async def _openai(self, request: Request, chat: bool):
-        streams = []
+        streams, engine_called = [], False
         try:
             self._check_http_key(request)
             body = oai.decode_body(await request.body(), self.args.max_body_bytes)
             req = oai.parse_chat(body, self.tokenizer, self.max_model_len) if chat else oai.parse_completion(body)
             self._check_model(req.model)
             prompt_ids, prompt_texts = self._tokenize_all(req)
+            engine_called = True  # from here on the router counts how requests end
             try:
                 for i, ids in enumerate(prompt_ids):
                     request_id = req.request_id if len(prompt_ids) == 1 else f"{req.request_id}-{i}"
@@ -357,6 +361,8 @@ class LatentMoEServer:
                     await stream.aclose()
                 raise _engine_error(e) from None
         except oai.ApiError as e:
+            if e.status == 400 and not engine_called:
+                self._requests.inc(tags={"status": "invalid"})
             return _error(e)
         builder = oai.ResponseBuilder(req, prompt_ids, prompt_texts, self._token_text)
         if not req.stream:
@@ -496,6 +502,12 @@ class LatentMoEServer:
             if model and model != self.model_name:
                 raise ValueError(f"model: {model!r} does not exist; this server serves {self.model_name!r}")
             request_id = request_id or f"grpc-{uuid.uuid4().hex}"
+        except Exception as e:
+            if isinstance(e, (ValueError, TypeError)):
+                self._requests.inc(tags={"status": "invalid"})
+            _set_grpc_error(grpc_context, e)
+            raise
+        try:
             return (params, *await self._first_and_rest(prompt, params, request_id))
         except Exception as e:
             _set_grpc_error(grpc_context, e)

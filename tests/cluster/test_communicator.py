@@ -12,16 +12,20 @@ from latentmoe.cluster.communicator import (GlooCommunicator, PeerTransfer, Traf
 
 
 def run_ranks(worker, world: int, *args) -> dict:
-    """``worker(rank, world, address, results, *args)`` in ``world`` forked processes; their ``results``."""
+    """``worker(rank, world, address, results, *args)`` in ``world`` fresh processes; their ``results``.
+
+    Spawned, not forked: a fork of a pytest process that already ran Ray and torch's thread pools (earlier test
+    modules) hangs its children in their first parallel op (seen: gloo sends timing out after test_serve).
+    """
     address = f"tcp://127.0.0.1:{free_port()}"
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.start_processes(worker, args=(world, address, results, *args), nprocs=world, start_method="fork")
+        mp.start_processes(worker, args=(world, address, results, *args), nprocs=world, start_method="spawn")
         return dict(results)
 
 
 def _all_to_all_worker(rank, world, address, results):
-    comm = GlooCommunicator(rank, world, address, timeout_s=30)
+    comm = GlooCommunicator(rank, world, address, timeout_s=120)
     # rank r sends (r + 1) * dest rows to rank dest (rank 0 sends nothing to anyone): uneven and empty splits
     send_splits = [0 if rank == 0 else (rank + 1) * dest for dest in range(world)]
     send = torch.cat([torch.full((n, 2), float(10 * rank + dest)) for dest, n in enumerate(send_splits)])
@@ -71,7 +75,7 @@ def send_rows(rank: int, splits: list[list[int]], shape: tuple, dtype: torch.dty
 
 
 def _gloo_worker(rank, world, address, results, splits, shape, dtype):
-    comm = GlooCommunicator(rank, world, address, timeout_s=30)
+    comm = GlooCommunicator(rank, world, address, timeout_s=120)
     send_splits = splits[rank]
     recv_splits = comm.exchange_counts(send_splits)
     counts_traffic = comm.last_traffic

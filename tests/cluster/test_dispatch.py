@@ -96,7 +96,7 @@ class TaggedExperts:
 
 def _exchange_worker(rank, world, address, results, dtype):
     placement = ExpertPlacement.build(ModelConfig.from_dict(TINY_CONFIG), len(EXPERT))
-    comm = GlooCommunicator(rank, world, address, timeout_s=30)
+    comm = GlooCommunicator(rank, world, address, timeout_s=120)  # generous: 4 processes on 2 busy cores
     if rank in ATTENTION:
         dispatcher = AttentionDispatcher(comm, placement, EXPERT, max_k=K, num_experts=E)
         errors = []
