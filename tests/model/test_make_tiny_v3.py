@@ -15,7 +15,6 @@ from latentmoe.model.loader import checkpoint_files
 from latentmoe.model.tiny import published_config
 from tests.model.test_fp8 import dequantize, hf_logits, rel_err, write_plain
 
-transformers = pytest.importorskip("transformers")
 
 
 def run(*args):
