@@ -207,17 +207,22 @@ def cluster_start(
     typer.echo(cluster.address)
 
 
-@cluster_app.command("env")
-def cluster_env(port: int = typer.Option(6379, help="The head node's GCS port.")):
-    """Print the shell exports that make Ray's own tools (ray status, ray list) clients of the local cluster."""
-    import shlex
-
+def _recorded_cluster(port: int):
     from latentmoe.actors.local_cluster import find_local_cluster
 
     cluster = find_local_cluster(port)
     if cluster is None:
         typer.echo(f"no cluster started by `latentmoe cluster start` runs on port {port}", err=True)
         raise typer.Exit(1)
+    return cluster
+
+
+@cluster_app.command("env")
+def cluster_env(port: int = typer.Option(6379, help="The head node's GCS port.")):
+    """Print the shell exports that make Ray's own tools (ray status, ray list) clients of the local cluster."""
+    import shlex
+
+    cluster = _recorded_cluster(port)
     for key, value in {**cluster.env, "RAY_ADDRESS": cluster.address}.items():
         typer.echo(f"export {key}={shlex.quote(value)}")
 
@@ -225,13 +230,7 @@ def cluster_env(port: int = typer.Option(6379, help="The head node's GCS port.")
 @cluster_app.command("stop")
 def cluster_stop(port: int = typer.Option(6379, help="The head node's GCS port.")):
     """Stop the cluster `latentmoe cluster start` started (only its processes; other Ray clusters go on)."""
-    from latentmoe.actors.local_cluster import find_local_cluster
-
-    cluster = find_local_cluster(port)
-    if cluster is None:
-        typer.echo(f"no cluster started by `latentmoe cluster start` runs on port {port}", err=True)
-        raise typer.Exit(1)
-    cluster.stop(echo=lambda m: typer.echo(m, err=True))
+    _recorded_cluster(port).stop(echo=lambda m: typer.echo(m, err=True))
 
 
 def main() -> None:  # pragma: no cover

@@ -248,6 +248,10 @@ def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shar
     cluster = LocalCluster(address=f"127.0.0.1:{port}", env=env, dashboard_url=dashboard_url,
                            state_file=str(state_dir() / f"cluster-{port}.json") if record else None)
     node_env = {**env, **{k: os.environ.get(k, v) for k, v in PROXY_ENV.items()}}
+    # the head's dashboard and autoscaler export metrics on fixed ports (44227, 44217): a second cluster on the
+    # machine takes free ones instead, or its discovery file would list the first one's exporters
+    for key, default in (("DASHBOARD_METRIC_PORT", 44227), ("AUTOSCALER_METRIC_PORT", 44217)):
+        node_env[key] = os.environ.get(key) or str(default if not _port_in_use(default) else free_port())
     cluster.nodes.append({"role": "head", "pgid": _start_node(head, node_env, echo)})
     roles = [ATTENTION_RESOURCE] * attention_nodes + [EXPERT_RESOURCE] * expert_nodes
     try:

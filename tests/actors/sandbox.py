@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx2 as httpx
@@ -141,3 +142,14 @@ class Server:
         left = wait_gone(self.env)
         kill_marked(self.env)
         assert not left, f"processes left after latentmoe serve stopped: {left}\n{self.output()}"
+
+
+@contextmanager
+def serving(env: dict[str, str], model: Path, *extra_args: str):
+    """A healthy ``latentmoe serve`` for the block; stopped (and checked to leave nothing) after it."""
+    server = Server(env, model, *extra_args)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()

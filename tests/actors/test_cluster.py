@@ -10,11 +10,11 @@ import random
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 from latentmoe import LLM, SamplingParams
 from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE, shard_bundles
 from latentmoe.model.tiny import TINY_CONFIG, make_tiny
+from tests.actors.clusters import role_cluster
 
 TIMEOUT = 120
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
@@ -22,17 +22,8 @@ GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    nodes = {
-        "attention": [c.add_node(num_cpus=2, resources={ATTENTION_RESOURCE: 2})],
-        "expert": [c.add_node(num_cpus=2, resources={EXPERT_RESOURCE: 2}) for _ in range(2)],
-    }
-    ray.init(address=c.address, log_to_driver=False)
-    try:
-        yield {role: {n.node_id for n in ns} for role, ns in nodes.items()}
-    finally:
-        ray.shutdown()
-        c.shutdown()
+    with role_cluster(expert_nodes=2) as nodes:
+        yield nodes
 
 
 @pytest.fixture(scope="module")

@@ -8,12 +8,10 @@ from __future__ import annotations
 import random
 
 import pytest
-import ray
-from ray.cluster_utils import Cluster
 
 from latentmoe import LLM, SamplingParams
-from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
 from latentmoe.model.tiny import TINY_V3_CONFIG, make_tiny
+from tests.actors.clusters import role_cluster
 
 TIMEOUT = 120
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0)
@@ -22,16 +20,8 @@ ONE_GROUP = dict(TINY_V3_CONFIG, n_group=1, topk_group=1)  # as Kimi-K2 and Moon
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    c.add_node(num_cpus=2, resources={ATTENTION_RESOURCE: 2})
-    for _ in range(2):
-        c.add_node(num_cpus=2, resources={EXPERT_RESOURCE: 2})
-    ray.init(address=c.address, log_to_driver=False)
-    try:
-        yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
+    with role_cluster(expert_nodes=2) as nodes:
+        yield nodes
 
 
 @pytest.fixture(scope="module")

@@ -16,12 +16,11 @@ import time
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
 from latentmoe import LLM, SamplingParams
 from latentmoe.actors.cluster import start_router
-from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
 from latentmoe.cluster.engine_config import EngineConfig
+from tests.actors.clusters import role_cluster
 
 TIMEOUT = 120
 PARAMS = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
@@ -29,15 +28,8 @@ PARAMS = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
 
 @pytest.fixture(scope="module")
 def cluster():
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
-    c.add_node(num_cpus=2, resources={ATTENTION_RESOURCE: 2})
-    c.add_node(num_cpus=2, resources={EXPERT_RESOURCE: 2})
-    ray.init(address=c.address, log_to_driver=False)
-    try:
-        yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
+    with role_cluster(expert_nodes=1) as nodes:
+        yield nodes
 
 
 @pytest.fixture(scope="module")

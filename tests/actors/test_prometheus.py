@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from latentmoe.cluster.communicator import free_port
-from tests.actors.sandbox import PROMPT, Server, sandbox
+from tests.actors.sandbox import PROMPT, Server, sandbox, serving
 
 GRAFANA = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
 FAULT_PANELS = {"Shard faults and recoveries"}
@@ -32,13 +32,8 @@ def panel_queries() -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, tiny_dir):
-    env = sandbox(tmp_path_factory.mktemp("prometheus"))
-    server = Server(env, tiny_dir)
-    try:
-        server.wait_ready()
+    with serving(sandbox(tmp_path_factory.mktemp("prometheus")), tiny_dir) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

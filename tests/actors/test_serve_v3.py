@@ -20,7 +20,7 @@ from latentmoe import LLM, SamplingParams
 from latentmoe.model.tiny import TINY_V3_CONFIG, make_tiny
 from latentmoe.proto import generate_pb2_grpc
 from latentmoe.proto.convert import request_to_proto
-from tests.actors.sandbox import BIN, PROMPT, Server, sandbox
+from tests.actors.sandbox import BIN, PROMPT, sandbox, serving
 
 EXPERT_SHARDS = 4  # one group of 4 experts on each: topk_group = 2 of them bounds the devices a token reaches
 NUM_REQUESTS, INPUT_LEN, OUTPUT_LEN = 6, 12, 6
@@ -46,14 +46,9 @@ def reference(checkpoint):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, checkpoint):
-    env = sandbox(tmp_path_factory.mktemp("serve-v3"))
-    server = Server(env, checkpoint, "--expert-shards", str(EXPERT_SHARDS), "--max-replicas", "1",
-                    "--no-ray-dashboard")
-    try:
-        server.wait_ready()
+    with serving(sandbox(tmp_path_factory.mktemp("serve-v3")), checkpoint, "--expert-shards", str(EXPERT_SHARDS),
+                 "--max-replicas", "1", "--no-ray-dashboard") as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")
