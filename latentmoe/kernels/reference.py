@@ -35,7 +35,8 @@ def mla_decode_ref(
     tables = block_tables[:, :num_blocks].long().clamp(min=0)  # [B, nb]; entries past a sequence's end: any block
     pad = torch.arange(L, device=q_nope.device) >= lens[:, None]  # [B, L]
     # what padding reads is never looked at, but must not be NaN (0 * NaN in the output matmul)
-    latents = kv_cache[tables].flatten(1, 2)[:, :L].float().masked_fill(pad[..., None], 0.0)  # [B, L, R+P]
+    latents = kv_cache[tables].flatten(1, 2)[:, :L].float()  # [B, L, R+P], a copy (the gather's)
+    latents.masked_fill_(pad[..., None], 0.0)
     c_kv, k_pe = latents[..., :R], latents[..., R:]
     scores = q_nope.float() @ c_kv.transpose(1, 2) + q_pe.float() @ k_pe.transpose(1, 2)  # [B, H, L]
     probs = torch.softmax((scores * softmax_scale).masked_fill(pad[:, None, :], float("-inf")), dim=-1)
