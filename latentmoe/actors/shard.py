@@ -11,7 +11,7 @@ import ray
 from latentmoe.cluster.communicator import make_communicator, new_rendezvous
 from latentmoe.cluster.engine_config import EngineConfig
 from latentmoe.cluster.placement import ExpertPlacement
-from latentmoe.cluster.shards import AttentionShard, ExpertShard
+from latentmoe.cluster.shards import AttentionShard, ExpertShard, shard_threads
 
 
 @ray.remote
@@ -19,7 +19,7 @@ class ShardActor:
     def __init__(self, kind: str, config: dict, placement: ExpertPlacement, index: int, expert_ranks: list[int]):
         import torch
 
-        torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+        torch.set_num_threads(shard_threads(ray.get_runtime_context().get_assigned_resources().get("CPU")))
         self.kind, self.index = kind, index
         engine_config = EngineConfig.from_dict(config)
         if kind == "attention":

@@ -33,6 +33,7 @@ class StepInputs:
     decode_block_tables: torch.Tensor  # [Bd, max_blocks] int32
     decode_seq_lens: torch.Tensor  # [Bd] int32 (tokens in cache incl. the new one)
     prefill: list[tuple[int, int, int, list[int]]]  # (first row, num tokens, start position, block table)
+    prefill_masks: list[torch.Tensor]  # per prefill chunk [n, start + n] bool: query i sees keys 0..start+i
     sample_rows: torch.Tensor  # [N] rows whose logits are sampled
     logit_rows: torch.Tensor  # [L] rows that go through lm_head: a chunk's every row if all_logits, else sample_rows
 
@@ -59,6 +60,10 @@ def build_inputs(chunks, block_size: int, device: torch.device) -> StepInputs:
             logit_rows += range(row, row + n)
         elif chunk.sample:
             logit_rows.append(row + n - 1)
+    masks = {}  # (n, start) -> mask, shared by chunks of one shape and by every layer
+    for _, n, start, _ in prefill:
+        if (n, start) not in masks:
+            masks[n, start] = torch.ones(n, start + n, dtype=torch.bool, device=device).tril(diagonal=start)
     width = max((len(t) for t in decode_tables), default=0)
     padded = [t + [0] * (width - len(t)) for t in decode_tables]
 
@@ -68,7 +73,8 @@ def build_inputs(chunks, block_size: int, device: torch.device) -> StepInputs:
     return StepInputs(
         token_ids=tensor(token_ids), positions=tensor(positions), slots=tensor(slots),
         decode_rows=tensor(decode_rows), decode_block_tables=tensor(padded, torch.int32).view(len(padded), width),
-        decode_seq_lens=tensor(decode_lens, torch.int32), prefill=prefill, sample_rows=tensor(sample_rows),
+        decode_seq_lens=tensor(decode_lens, torch.int32), prefill=prefill,
+        prefill_masks=[masks[n, start] for _, n, start, _ in prefill], sample_rows=tensor(sample_rows),
         logit_rows=tensor(logit_rows),
     )
 
@@ -113,9 +119,11 @@ class ModelRunner:
                 inputs.decode_block_tables, inputs.decode_seq_lens, attn.softmax_scale)  # [Bd, H, R]
             out[rows] = attn.output_from_latent(o_latent)
         attend = attn.attend_absorbed if self.prefill_absorbed else attn.attend_naive
-        for row, n, start, table in inputs.prefill:
-            cached_c_kv, cached_k_pe = self.cache.gather(attn.layer_idx, table, start + n)
-            # query i (position start+i) sees keys 0..start+i
-            mask = torch.ones(n, start + n, dtype=torch.bool, device=self.device).tril(diagonal=start)
-            out[row : row + n] = attend(q_nope[row : row + n], q_pe[row : row + n], cached_c_kv, cached_k_pe, mask)
+        fresh = c_kv.dtype == self.cache.dtype  # the cache holds these tokens' latents exactly as computed
+        for (row, n, start, table), mask in zip(inputs.prefill, inputs.prefill_masks):
+            if start == 0 and fresh:  # a chunk from the sequence's start: its keys are its own tokens
+                keys_c_kv, keys_k_pe = c_kv[row : row + n], k_pe[row : row + n]
+            else:
+                keys_c_kv, keys_k_pe = self.cache.gather(attn.layer_idx, table, start + n)
+            out[row : row + n] = attend(q_nope[row : row + n], q_pe[row : row + n], keys_c_kv, keys_k_pe, mask)
         return out

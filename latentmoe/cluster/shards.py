@@ -11,6 +11,7 @@ nothing to send.
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -24,6 +25,14 @@ from latentmoe.cluster.placement import ExpertPlacement
 from latentmoe.cluster.sampling_params import SamplingParams
 from latentmoe.kernels import set_kernels, use_triton
 from latentmoe.model.loader import load_model, resolve_dtype
+
+
+def shard_threads(assigned_cpus: float | None, cores: int | None = None) -> int:
+    """Torch intra-op threads for a shard process: the CPUs its bundle holds (whole ones, at least one), no more
+    than the cores this process may run on. Without it every shard on a node takes all the cores."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(int(assigned_cpus or 1), cores))
 
 
 @dataclass

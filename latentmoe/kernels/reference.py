@@ -21,21 +21,26 @@ def mla_decode_ref(
     seq_lens: torch.Tensor,  # [B] int
     softmax_scale: float,
 ) -> torch.Tensor:  # [B, H, R]
-    """Pure-torch reference: gathers each sequence's latents and attends in float32."""
+    """Pure-torch reference: gathers every sequence's latents (padded to the longest) and attends in float32,
+    the whole batch in one matmul each for scores and output (padding masked out before the softmax)."""
     B, H, R = q_nope.shape
     P = q_pe.shape[-1]
     assert kv_cache.shape[-1] == R + P, f"cache width {kv_cache.shape[-1]} != {R} + {P}"
+    if B == 0:
+        return q_nope.new_empty(0, H, R)
     block_size = kv_cache.shape[1]
-    out = torch.empty(B, H, R, dtype=q_nope.dtype, device=q_nope.device)
-    for b in range(B):
-        n = int(seq_lens[b])
-        num_blocks = (n + block_size - 1) // block_size
-        latents = kv_cache[block_tables[b, :num_blocks].long()].reshape(-1, R + P)[:n].float()  # [n, R+P]
-        c_kv, k_pe = latents[:, :R], latents[:, R:]
-        scores = q_nope[b].float() @ c_kv.T + q_pe[b].float() @ k_pe.T  # [H, n]
-        probs = torch.softmax(scores * softmax_scale, dim=-1)
-        out[b] = (probs @ c_kv).to(out.dtype)
-    return out
+    lens = seq_lens.to(device=q_nope.device, dtype=torch.long)  # [B]
+    L = int(lens.max())
+    num_blocks = -(-L // block_size)
+    tables = block_tables[:, :num_blocks].long().clamp(min=0)  # [B, nb]; entries past a sequence's end: any block
+    pad = torch.arange(L, device=q_nope.device) >= lens[:, None]  # [B, L]
+    # what padding reads is never looked at, but must not be NaN (0 * NaN in the output matmul)
+    latents = kv_cache[tables].flatten(1, 2)[:, :L].float()  # [B, L, R+P], a copy (the gather's)
+    latents.masked_fill_(pad[..., None], 0.0)
+    c_kv, k_pe = latents[..., :R], latents[..., R:]
+    scores = q_nope.float() @ c_kv.transpose(1, 2) + q_pe.float() @ k_pe.transpose(1, 2)  # [B, H, L]
+    probs = torch.softmax((scores * softmax_scale).masked_fill(pad[:, None, :], float("-inf")), dim=-1)
+    return (probs @ c_kv).to(q_nope.dtype)
 
 
 def fused_moe_ref(

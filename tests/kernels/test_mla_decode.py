@@ -102,3 +102,22 @@ def test_deepseek_v2_lite_shapes_gpu(seq_lens):
     out = mla_decode(q_nope, q_pe, kv_cache, block_tables, lens, 576 ** -0.5)
     torch.testing.assert_close(out, mla_decode_ref(q_nope, q_pe, kv_cache, block_tables, lens, 576 ** -0.5),
                                **TOLERANCE[torch.bfloat16])
+
+
+def test_reference_batched_matches_one_sequence_at_a_time():
+    """The reference pads the batch to its longest sequence: padding (and NaN in unused cache slots) changes
+    nothing against attending sequence by sequence."""
+    seq_lens, H, R, P, S = [1, 13, 30, 7, 16], 4, 32, 8, 8
+    q_nope, q_pe, kv_cache, block_tables, lens = make_inputs(seq_lens, heads=H, rank=R, rope=P, block_size=S,
+                                                             dtype=torch.float32, seed=99, device="cpu")
+    for b, n in enumerate(seq_lens):  # poison each sequence's last block past its end
+        if n % S:
+            kv_cache[block_tables[b, (n - 1) // S], n % S :] = float("nan")
+    out = mla_decode_ref(q_nope, q_pe, kv_cache, block_tables, lens, 0.3)
+    for b, n in enumerate(seq_lens):
+        one = mla_decode_ref(q_nope[b : b + 1], q_pe[b : b + 1], kv_cache, block_tables[b : b + 1], lens[b : b + 1], 0.3)
+        latents = kv_cache[block_tables[b, : -(-n // S)].long()].reshape(-1, R + P)[:n]
+        probs = torch.softmax((q_nope[b] @ latents[:, :R].T + q_pe[b] @ latents[:, R:].T) * 0.3, dim=-1)
+        torch.testing.assert_close(out[b], probs @ latents[:, :R], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out[b : b + 1], one, atol=1e-5, rtol=1e-5)
+    assert mla_decode_ref(q_nope[:0], q_pe[:0], kv_cache, block_tables[:0], lens[:0], 0.3).shape == (0, H, R)
