@@ -11,7 +11,7 @@ def __getattr__(name):  # lazy: `import latentmoe.model` must not pull in the en
 
         return LLM
     if name == "SamplingParams":
-        from latentmoe.cluster.sampling_params import SamplingParams
+        from latentmoe.engine.sampling_params import SamplingParams
 
         return SamplingParams
     raise AttributeError(name)

@@ -78,7 +78,7 @@ def generate(
     """Generate from prompts and print the completions (single process, or attention and expert shards on Ray)."""
     import time
 
-    from latentmoe.cluster.sampling_params import SamplingParams
+    from latentmoe.engine.sampling_params import SamplingParams
     from latentmoe.llm import LLM
 
     llm = LLM(model=str(model) if model else None, dtype=dtype, attention_shards=attention_shards,

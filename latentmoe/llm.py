@@ -12,9 +12,9 @@ import dataclasses
 import logging
 from typing import Sequence
 
-from latentmoe.cluster.engine import LLMEngine, RequestOutput
-from latentmoe.cluster.engine_config import EngineConfig
-from latentmoe.cluster.sampling_params import SamplingParams
+from latentmoe.engine.engine import LLMEngine, RequestOutput
+from latentmoe.engine.engine_config import EngineConfig
+from latentmoe.engine.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
 

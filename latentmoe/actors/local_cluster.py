@@ -30,6 +30,7 @@ from typing import Callable, Mapping
 
 from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
 from latentmoe.cluster.communicator import free_port
+from latentmoe.paths import cache_root
 
 # Ray Serve's gRPC proxy accepts messages up to 2 GiB by default; the head node's processes (the proxy among
 # them) get a 4 MiB limit instead, gRPC's own default. Larger messages get RESOURCE_EXHAUSTED from gRPC itself.
@@ -82,11 +83,6 @@ def use_ray_auth(env: Mapping[str, str]) -> None:
             AuthenticationTokenLoader.instance().reset_cache()
         except (ImportError, AttributeError):  # pragma: no cover (older Ray)
             pass
-
-
-def state_dir(environ: Mapping[str, str] = os.environ) -> Path:
-    """Where latentmoe keeps its state: ``$LATENTMOE_CACHE``, default ``~/.cache/latentmoe``."""
-    return Path(environ.get("LATENTMOE_CACHE", Path.home() / ".cache" / "latentmoe"))
 
 
 @dataclass
@@ -221,7 +217,7 @@ def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shar
     """Start the head and the worker nodes; returns the cluster (``stop()`` ends it).
 
     ``cpus_per_node`` defaults to ``shards_per_node`` (shards ask for one logical CPU each). With
-    ``record``, the cluster is written to ``state_dir()/cluster-PORT.json`` for ``find_local_cluster``.
+    ``record``, the cluster is written to ``cache_root()/cluster-PORT.json`` for ``find_local_cluster``.
     """
     cpus_per_node = shards_per_node if cpus_per_node is None else cpus_per_node
     for name, value in (("attention_nodes", attention_nodes), ("expert_nodes", expert_nodes),
@@ -246,7 +242,7 @@ def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shar
     else:
         head += ["--include-dashboard=false"]
     cluster = LocalCluster(address=f"127.0.0.1:{port}", env=env, dashboard_url=dashboard_url,
-                           state_file=str(state_dir() / f"cluster-{port}.json") if record else None)
+                           state_file=str(cache_root() / f"cluster-{port}.json") if record else None)
     node_env = {**env, **{k: os.environ.get(k, v) for k, v in PROXY_ENV.items()}}
     # the head's dashboard and autoscaler export metrics on fixed ports (44227, 44217): a second cluster on the
     # machine takes free ones instead, or its discovery file would list the first one's exporters
@@ -277,7 +273,7 @@ def find_local_cluster(port: int = DEFAULT_PORT, address: str | None = None) -> 
 
     A record whose head is gone is removed.
     """
-    paths = sorted(state_dir().glob("cluster-*.json")) if address else [state_dir() / f"cluster-{port}.json"]
+    paths = sorted(cache_root().glob("cluster-*.json")) if address else [cache_root() / f"cluster-{port}.json"]
     for path in paths:
         try:
             cluster = LocalCluster(**json.loads(path.read_text()))

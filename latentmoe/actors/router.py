@@ -22,11 +22,11 @@ from latentmoe.actors.placement import place_shards
 from latentmoe.actors.shard import ShardActor
 from latentmoe.cluster.communicator import backend_for
 from latentmoe.cluster.dispatch import DispatchStats
-from latentmoe.cluster.engine import RequestOutput, tokenize_prompt
-from latentmoe.cluster.engine_config import EngineConfig
+from latentmoe.engine.engine import RequestOutput, tokenize_prompt
+from latentmoe.engine.engine_config import EngineConfig
 from latentmoe.cluster.placement import ExpertPlacement
 from latentmoe.cluster.router_state import NoShardError, OverloadedError, RouterState
-from latentmoe.cluster.sampling_params import SamplingParams
+from latentmoe.engine.sampling_params import SamplingParams
 from latentmoe.cluster.shards import NewRequest
 from latentmoe.cluster.telemetry import ExpertLoadWindow, RequestTimes
 from latentmoe.model.config import ModelConfig

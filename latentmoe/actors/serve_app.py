@@ -28,7 +28,7 @@ from ray import serve
 
 from latentmoe.actors.cluster import start_router
 from latentmoe.actors.names import INGRESS_DEPLOYMENT
-from latentmoe.cluster.engine_config import EngineConfig, reject_unknown_keys
+from latentmoe.engine.engine_config import EngineConfig, reject_unknown_keys
 from latentmoe.cluster.router_state import OverloadedError
 from latentmoe.proto import openai_api as oai
 
@@ -326,7 +326,7 @@ class LatentMoEServer:
 
     def _tokenize_all(self, req) -> tuple[list[list[int]], list[str]]:
         """Every prompt of a request tokenized and checked before any runs (400 naming the bad one's index)."""
-        from latentmoe.cluster.engine import tokenize_prompt
+        from latentmoe.engine.engine import tokenize_prompt
 
         try:
             req.params.check_vocab(self.info["vocab_size"])

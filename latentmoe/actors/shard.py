@@ -9,7 +9,7 @@ from __future__ import annotations
 import ray
 
 from latentmoe.cluster.communicator import make_communicator, new_rendezvous
-from latentmoe.cluster.engine_config import EngineConfig
+from latentmoe.engine.engine_config import EngineConfig
 from latentmoe.cluster.placement import ExpertPlacement
 from latentmoe.cluster.shards import AttentionShard, ExpertShard, shard_threads
 

@@ -19,10 +19,10 @@ import torch
 
 from latentmoe.cluster.communicator import Communicator
 from latentmoe.cluster.dispatch import AttentionDispatcher, expert_exchange
-from latentmoe.cluster.engine import LLMEngine, RequestOutput
-from latentmoe.cluster.engine_config import EngineConfig
+from latentmoe.engine.engine import LLMEngine, RequestOutput
+from latentmoe.engine.engine_config import EngineConfig
 from latentmoe.cluster.placement import ExpertPlacement
-from latentmoe.cluster.sampling_params import SamplingParams
+from latentmoe.engine.sampling_params import SamplingParams
 from latentmoe.kernels import set_kernels, use_triton
 from latentmoe.model.loader import load_model, resolve_dtype
 

@@ -18,7 +18,7 @@ from typing import AsyncIterator, Callable
 import grpc
 import httpx2 as httpx
 
-from latentmoe.cluster.sampling_params import SamplingParams
+from latentmoe.engine.sampling_params import SamplingParams
 from latentmoe.loadtest.metrics import RequestResult
 from latentmoe.loadtest.workload import RequestSpec
 from latentmoe.proto import generate_pb2, generate_pb2_grpc

@@ -28,7 +28,7 @@ from typing import Any, Callable
 import grpc
 import httpx2 as httpx
 
-from latentmoe.cluster.sampling_params import SamplingParams
+from latentmoe.engine.sampling_params import SamplingParams
 from latentmoe.loadtest.clients import sse_chunks
 from latentmoe.proto import generate_pb2_grpc
 from latentmoe.proto.convert import request_to_proto

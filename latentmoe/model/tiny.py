@@ -22,6 +22,7 @@ import torch
 
 from latentmoe.model.config import ModelConfig
 from latentmoe.model.loader import build_model, save_checkpoint
+from latentmoe.paths import cache_root
 
 TINY_CONFIG = {
     "model_type": "deepseek_v2",
@@ -188,7 +189,7 @@ def write_mtp_layers(out_dir: Path, cfg: ModelConfig, seed: int, dtype: torch.dt
 
 def default_model_dir(seed: int = 0) -> Path:
     """The built-in tiny model, written on first use under ``$LATENTMOE_CACHE`` (default ~/.cache/latentmoe)."""
-    root = Path(os.environ.get("LATENTMOE_CACHE", Path.home() / ".cache" / "latentmoe"))
+    root = cache_root()
     path = root / f"tiny-seed{seed}"
     if not (path / "config.json").exists() or not (path / "tokenizer.json").exists():
         tmp = root / f".tiny-seed{seed}.{os.getpid()}"

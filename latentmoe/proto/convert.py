@@ -9,11 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from latentmoe.cluster.sampling_params import SamplingParams
+from latentmoe.engine.sampling_params import SamplingParams
 from latentmoe.proto import generate_pb2 as pb
 
 if TYPE_CHECKING:  # the engine pulls in torch; clients of this module need not
-    from latentmoe.cluster.engine import RequestOutput
+    from latentmoe.engine.engine import RequestOutput
 
 # SamplingParams fields that are proto3 `optional` scalars: unset on the wire means the dataclass default
 _SCALARS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "ignore_eos", "skip_special_tokens", "n",

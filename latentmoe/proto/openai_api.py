@@ -13,7 +13,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from latentmoe.cluster.sampling_params import MAX_LOGPROBS, SamplingParams
+from latentmoe.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 
 
 class ApiError(Exception):

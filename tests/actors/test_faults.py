@@ -19,7 +19,7 @@ import ray
 
 from latentmoe import LLM, SamplingParams
 from latentmoe.actors.cluster import start_router
-from latentmoe.cluster.engine_config import EngineConfig
+from latentmoe.engine.engine_config import EngineConfig
 from tests.actors.clusters import role_cluster
 
 TIMEOUT = 120

@@ -652,7 +652,7 @@ def test_proxy_side_abort_stays_light(server):
     code = (f"import ray, sys; ray.init(address={server['cluster'].address!r}, log_to_driver=False)\n"
             "from latentmoe.actors import grpc_ingress\n"
             "grpc_ingress._abort('dropped-1', None)\n"
-            "print(sorted(m for m in ('torch', 'latentmoe.actors.router', 'latentmoe.cluster.engine') "
+            "print(sorted(m for m in ('torch', 'latentmoe.actors.router', 'latentmoe.engine.engine') "
             "if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", (done.stdout, done.stderr[-3000:])

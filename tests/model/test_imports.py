@@ -26,10 +26,10 @@ SCRIPT = textwrap.dedent("""
 
     import torch
     import latentmoe.model
-    import latentmoe.cluster.engine
-    from latentmoe.cluster.engine import LLMEngine
-    from latentmoe.cluster.engine_config import EngineConfig
-    from latentmoe.cluster.sampling_params import SamplingParams
+    import latentmoe.engine.engine
+    from latentmoe.engine.engine import LLMEngine
+    from latentmoe.engine.engine_config import EngineConfig
+    from latentmoe.engine.sampling_params import SamplingParams
     from latentmoe.kernels.reference import fused_moe_ref, mla_decode_ref  # noqa: F401
     from latentmoe.model.tiny import make_tiny
 

@@ -12,8 +12,8 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 
-from latentmoe.cluster.engine import RequestOutput, tokenize_prompt
-from latentmoe.cluster.sampling_params import SamplingParams
+from latentmoe.engine.engine import RequestOutput, tokenize_prompt
+from latentmoe.engine.sampling_params import SamplingParams
 from latentmoe.proto import convert, gen
 from latentmoe.proto import generate_pb2 as pb
 from latentmoe.proto import generate_pb2_grpc as pb_grpc

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import deque
 
-from latentmoe.cluster.sequence import Sequence
+from latentmoe.engine.sequence import Sequence
 
 
 class BlockManager:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import enum
 
-from latentmoe.cluster.sampling_params import SamplingParams
+from latentmoe.engine.sampling_params import SamplingParams
 
 
 class SequenceStatus(enum.Enum):

@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from latentmoe.cluster.block_manager import BlockManager
-from latentmoe.cluster.detokenizer import IncrementalDetokenizer
-from latentmoe.cluster.sampler import Sampler, filter_logits
-from latentmoe.cluster.sampling_params import SamplingParams
-from latentmoe.cluster.scheduler import Scheduler, SchedulerConfig
-from latentmoe.cluster.sequence import Sequence
+from latentmoe.engine.block_manager import BlockManager
+from latentmoe.engine.detokenizer import IncrementalDetokenizer
+from latentmoe.engine.sampler import Sampler, filter_logits
+from latentmoe.engine.sampling_params import SamplingParams
+from latentmoe.engine.scheduler import Scheduler, SchedulerConfig
+from latentmoe.engine.sequence import Sequence
 from latentmoe.model.tokenizer import Tokenizer
 
 

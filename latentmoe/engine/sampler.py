@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from latentmoe.cluster.sampling_params import SamplingParams
+from latentmoe.engine.sampling_params import SamplingParams
 
 _MASK64 = (1 << 63) - 1
 

@@ -17,15 +17,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from latentmoe.cluster.block_manager import BlockManager
-from latentmoe.cluster.detokenizer import IncrementalDetokenizer
-from latentmoe.cluster.engine_config import EngineConfig
-from latentmoe.cluster.latent_cache import LatentCache, num_blocks_for_budget
-from latentmoe.cluster.model_runner import ModelRunner
-from latentmoe.cluster.sampler import Logprobs, Sampler, top_logprobs
-from latentmoe.cluster.sampling_params import SamplingParams
-from latentmoe.cluster.scheduler import Scheduler, SchedulerConfig
-from latentmoe.cluster.sequence import Sequence
+from latentmoe.engine.block_manager import BlockManager
+from latentmoe.engine.detokenizer import IncrementalDetokenizer
+from latentmoe.engine.engine_config import EngineConfig
+from latentmoe.engine.latent_cache import LatentCache, num_blocks_for_budget
+from latentmoe.engine.model_runner import ModelRunner
+from latentmoe.engine.sampler import Logprobs, Sampler, top_logprobs
+from latentmoe.engine.sampling_params import SamplingParams
+from latentmoe.engine.scheduler import Scheduler, SchedulerConfig
+from latentmoe.engine.sequence import Sequence
 from latentmoe.model.deepseek_v2 import RoutedFn
 from latentmoe.model.loader import load_model, resolve_dtype
 from latentmoe.model.tokenizer import Tokenizer

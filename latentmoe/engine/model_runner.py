@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from latentmoe.cluster.latent_cache import LatentCache
+from latentmoe.engine.latent_cache import LatentCache
 from latentmoe.kernels import set_kernels
 from latentmoe.model.deepseek_v2 import MLA, DeepseekV2ForCausalLM, RoutedFn
 

@@ -9,7 +9,7 @@ too, so a stop string split across tokens never leaks into the output (unless
 
 from __future__ import annotations
 
-from latentmoe.cluster.sampling_params import SamplingParams
+from latentmoe.engine.sampling_params import SamplingParams
 
 _WINDOW = 6  # tokens of left context decoded with the new ones (spacing of byte-level/sentencepiece tokens)
 

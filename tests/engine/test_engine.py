@@ -11,7 +11,7 @@ import torch
 import transformers  # the reference: a test dependency, so a missing one fails rather than skips
 
 from latentmoe import LLM, SamplingParams
-from latentmoe.cluster.async_engine import AsyncLLM
+from latentmoe.engine.async_engine import AsyncLLM
 from latentmoe.model.tiny import TINY_CONFIG, make_tiny
 
 MAX_NEW = 12

@@ -13,8 +13,8 @@ import queue
 import threading
 from typing import AsyncIterator
 
-from latentmoe.cluster.engine import LLMEngine, RequestOutput
-from latentmoe.cluster.sampling_params import SamplingParams
+from latentmoe.engine.engine import LLMEngine, RequestOutput
+from latentmoe.engine.sampling_params import SamplingParams
 
 
 class AsyncLLM:

@@ -16,8 +16,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
-from latentmoe.cluster.block_manager import BlockManager
-from latentmoe.cluster.sequence import Sequence, SequenceStatus
+from latentmoe.engine.block_manager import BlockManager
+from latentmoe.engine.sequence import Sequence, SequenceStatus
 
 
 @dataclass

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from latentmoe.cluster.engine_config import reject_unknown_keys
+from latentmoe.engine.engine_config import reject_unknown_keys
 
 MAX_LOGPROBS = 20  # top logprobs per position, as OpenAI's and vLLM's default limit
 MAX_SAMPLES = 32  # n and best_of
