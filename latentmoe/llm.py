@@ -36,11 +36,12 @@ class LLM:
         config = EngineConfig.from_dict({"model": str(model), "dtype": dtype, **engine_args})
         self.timeout_s = timeout_s
         self.model_dir = str(model)
-        self.engine = self.router = self._cluster = None
+        self.engine = self.router = self._cluster = self.coordinator = None
+        self.attention: list = []
         if attention_shards is None and expert_shards is None:
             self.engine = LLMEngine(config)
             return
-        from latentmoe.actors.cluster import ensure_ray, start_router
+        from latentmoe.actors.cluster import ensure_ray
 
         for name, value in (("attention_shards", attention_shards), ("expert_shards", expert_shards)):
             if value is not None and (not isinstance(value, int) or value < 1):
@@ -48,12 +49,59 @@ class LLM:
         self._cluster = ensure_ray(ray_address, attention_shards or 1, expert_shards or 1)
         if self._cluster is not None:
             atexit.register(self.shutdown)
+        self.coordinator, self.attention = None, []
         try:
-            self.router, self.shard_info = start_router(dataclasses.asdict(config), attention_shards or 1,
-                                                        expert_shards or 1, timeout_s=timeout_s)
+            self._start_shards(dataclasses.asdict(config), attention_shards or 1, expert_shards or 1, timeout_s)
         except BaseException:
             self.shutdown()
             raise
+
+    def _start_shards(self, config: dict, num_attention: int, num_expert: int, timeout_s: float) -> None:
+        """The coordinator with its expert shards, then the attention shards (plain actors: no Serve here)."""
+        import uuid
+
+        import ray
+
+        from latentmoe.actors.attention_shard import AttentionShardActor
+        from latentmoe.actors.cluster import has_role_nodes, start_coordinator
+        from latentmoe.actors.engine_client import ShardClient, actor_opener
+        from latentmoe.actors.placement import ATTENTION_RESOURCE
+        from latentmoe.model.tokenizer import Tokenizer
+
+        step_timeout_s = 120.0
+        name = f"latentmoe-llm-{uuid.uuid4().hex[:8]}"
+        by_role = has_role_nodes()
+        self.coordinator = start_coordinator(config, num_expert, name, timeout_s=timeout_s,
+                                             step_timeout_s=step_timeout_s, place_by_role=by_role)
+        resources = {ATTENTION_RESOURCE: 1.0} if by_role else {}
+        gpu = config["device"].startswith("cuda")
+        self.attention = [AttentionShardActor.options(num_cpus=1, num_gpus=1 if gpu else 0, resources=resources,
+                                                      max_concurrency=10_000, enable_task_events=False).remote(
+            config, name, collective_timeout_s=step_timeout_s / 2, start_timeout_s=timeout_s, max_num_requests=1 << 20)
+            for _ in range(num_attention)]
+        ray.get([a.stats.remote() for a in self.attention], timeout=timeout_s + 30)
+        info = self._wait_formed(num_attention, num_expert, timeout_s)
+        try:
+            tokenizer = Tokenizer.from_dir(self.model_dir)
+        except FileNotFoundError:
+            tokenizer = None
+        self.router = ShardClient(actor_opener(lambda: self.attention), self.coordinator, tokenizer, info,
+                                  output_timeout_s=step_timeout_s * 2 + timeout_s, recovery_timeout_s=timeout_s)
+        self.shard_info = info
+
+    def _wait_formed(self, num_attention: int, num_expert: int, timeout_s: float) -> dict:
+        import time
+
+        import ray
+
+        deadline = time.monotonic() + timeout_s
+        while True:
+            status = ray.get(self.coordinator.status.remote(), timeout=30)
+            if status["attention_shards"] == num_attention and status["expert_shards"] == num_expert:
+                return status
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the collective group did not form within {timeout_s:g} s: {status}")
+            time.sleep(0.2)
 
     def generate(self, prompts: str | list[int] | Sequence[str | list[int]],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[RequestOutput]:
@@ -64,7 +112,7 @@ class LLM:
         if len(params) != len(prompts):
             raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
         if self.router is not None:
-            return self._get(self.router.generate_all.remote(list(prompts), list(params)))
+            return self._run(self.router.generate_all(list(prompts), list(params)))
         ids = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
         final: dict[str, RequestOutput] = {}
         while len(final) < len(ids):
@@ -74,27 +122,48 @@ class LLM:
         return [final[i] for i in ids]
 
     def cache_stats(self) -> dict:
-        if self.router is not None:
-            return self._get(self.router.cache_stats.remote())
-        return self.engine.cache_stats()
+        if self.router is None:
+            return self.engine.cache_stats()
+        shards = [{k: v for k, v in st.items() if k in _CACHE_KEYS} for st in self._shard_stats()]
+        first = shards[0] if shards else {}
+        return {"block_size": first.get("block_size"), "bytes_per_token": first.get("bytes_per_token"),
+                **{k: sum(s.get(k, 0) for s in shards) for k in ("num_blocks", "num_free_blocks", "num_running",
+                                                                  "num_waiting")}, "shards": shards}
 
     def dispatch_stats(self) -> dict:
         """Tokens per (layer, expert), per expert shard, devices reached per token, all-to-all bytes (cluster only)."""
         if self.router is None:
             raise RuntimeError("dispatch_stats() is for the disaggregated engine (attention_shards / expert_shards)")
-        return self._get(self.router.dispatch_stats.remote())
+        from latentmoe.cluster.dispatch import DispatchStats
+        from latentmoe.model.config import ModelConfig
+
+        c = ModelConfig.from_json(self.model_dir)
+        E = self.shard_info["num_expert"]
+        total = DispatchStats(c.n_routed_experts, E, c.num_experts_per_tok)
+        for st in self._shard_stats():
+            if st["dispatch"]:
+                total.merge(DispatchStats.from_dict(st["dispatch"], c.n_routed_experts, E, c.num_experts_per_tok))
+        return total.as_dict() | {"max_devices_per_token": self.shard_info["max_devices_per_token"]}
+
+    def _shard_stats(self) -> list[dict]:
+        import ray
+
+        return ray.get([a.stats.remote() for a in self.attention], timeout=self.timeout_s)
 
     def shutdown(self) -> None:
-        """Stop the router and its shards, and the local cluster this ``LLM`` started, if it started one."""
+        """Stop the shards and the coordinator, and the local cluster this ``LLM`` started, if it started one."""
         import ray
 
         try:
-            if self.router is not None:
+            for actor in self.attention:
+                ray.kill(actor)
+            self.attention = []
+            if self.coordinator is not None:
                 try:
-                    ray.get(self.router.shutdown.remote(), timeout=60)
+                    ray.get(self.coordinator.shutdown.remote(), timeout=60)
                 finally:
-                    ray.kill(self.router)
-                    self.router = None
+                    ray.kill(self.coordinator, no_restart=True)
+                    self.coordinator = self.router = None
         finally:
             if self._cluster is not None:
                 cluster, self._cluster = self._cluster, None
@@ -102,14 +171,14 @@ class LLM:
                 ray.shutdown()
                 cluster.stop(echo=logger.info)
 
-    def _get(self, ref):
-        import ray
+    def _run(self, coroutine):
+        """Run one of the engine client's coroutines to its end (bounded by ``timeout_s``)."""
+        import asyncio
 
-        try:
-            return ray.get(ref, timeout=self.timeout_s)
-        except ray.exceptions.RayTaskError as e:  # re-raise the router's ValueError / TypeError as itself
-            cause = e.as_instanceof_cause()
-            raise cause from None
+        async def bounded():
+            return await asyncio.wait_for(coroutine, self.timeout_s)
+
+        return asyncio.run(bounded())
 
     @property
     def tokenizer(self):
@@ -118,3 +187,7 @@ class LLM:
 
             return Tokenizer.from_dir(self.model_dir)
         return self.engine.tokenizer
+
+
+_CACHE_KEYS = ("block_size", "bytes_per_token", "num_blocks", "num_free_blocks", "num_running", "num_waiting",
+               "max_model_len")

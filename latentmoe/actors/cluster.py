@@ -1,4 +1,4 @@
-"""Connect to (or start) a Ray cluster and bring up a router with its shards."""
+"""Connect to (or start) a Ray cluster and bring up the coordinator with its expert shards."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ import ray
 from latentmoe.actors.local_cluster import (DEFAULT_PORT, LocalCluster, cluster_shape, find_local_cluster,
                                             running_ray_address, start_local_cluster, use_ray_auth)
 from latentmoe.actors.names import ROUTER_NAMESPACE
-from latentmoe.actors.router import RouterActor
 
 logger = logging.getLogger(__name__)
 
@@ -69,34 +68,38 @@ def _router_node() -> str:
     return (head or shardless)[0]["NodeID"]
 
 
-def start_router(config: dict, num_attention: int, num_expert: int, *, timeout_s: float = 300.0,
-                 step_timeout_s: float = 120.0, max_num_requests: int = 1024, name: str | None = None,
-                 recovery_timeout_s: float | None = None):
-    """Create the router actor (on this node, or on a node without shards), wait until its shards are up.
-
-    With ``name``, the router is a detached named actor that every caller with the same name shares
-    (the ingress replicas of a Serve application): the first creates it, the others get it.
-    Returns ``(router handle, shard info)``.
-    """
+def start_coordinator(config: dict, num_expert: int, name: str, *, timeout_s: float = 300.0,
+                      step_timeout_s: float = 120.0, recovery_timeout_s: float | None = None,
+                      place_by_role: bool | None = None):
+    """Get the coordinator ``name``, or create it (detached, restartable, on a node without shards) and its
+    expert shards; wait until they are up. Every caller with the same name shares it. Returns its handle."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # no task events: per-request and per-step calls would fill the GCS's task table (Serve turns them off too)
-    options = dict(num_cpus=0, max_concurrency=1000, enable_task_events=False,
+    from latentmoe.actors.coordinator import CoordinatorActor
+
+    if place_by_role is None:
+        place_by_role = has_role_nodes()
+    options = dict(name=name, namespace=ROUTER_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
+                   max_restarts=-1, max_concurrency=1000, enable_task_events=False,
                    # hard: a soft affinity places a 0-CPU actor on any node (measured with Ray 2.60: 4 of 8 elsewhere)
                    scheduling_strategy=NodeAffinitySchedulingStrategy(_router_node(), soft=False))
-    if name is not None:
-        options |= dict(name=name, namespace=ROUTER_NAMESPACE, lifetime="detached", get_if_exists=True)
-    router = RouterActor.options(**options).remote(config, num_attention, num_expert, start_timeout_s=timeout_s,
-                                                   step_timeout_s=step_timeout_s, max_num_requests=max_num_requests,
-                                                   recovery_timeout_s=recovery_timeout_s)
-    try:
-        info = ray.get(router.start.remote(), timeout=timeout_s + 30)
-    except BaseException:
-        try:
-            ray.get(router.shutdown.remote(), timeout=30)
-        finally:
-            ray.kill(router)
-        raise
-    if info.get("placement_warning"):
-        logger.warning(info["placement_warning"])
-    return router, info
+    coordinator = CoordinatorActor.options(**options).remote(
+        config, num_expert, name, start_timeout_s=timeout_s, step_timeout_s=step_timeout_s,
+        recovery_timeout_s=recovery_timeout_s, place_by_role=place_by_role)
+    ray.get(coordinator.start.remote(), timeout=timeout_s + 30)
+    return coordinator
+
+
+def has_role_nodes() -> bool:
+    """Whether the cluster's nodes say what they are (``attention_node`` / ``expert_node`` resources); when not,
+    shards go wherever there is room, with a warning."""
+    from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
+
+    have = ray.cluster_resources()
+    if have.get(ATTENTION_RESOURCE) and have.get(EXPERT_RESOURCE):
+        return True
+    logger.warning("the Ray cluster advertises no %s / %s resources: placing every shard on the nodes that exist, "
+                   "attention and experts not separated. Start nodes with `ray start --resources='{\"%s\": N}'` "
+                   "(and %s), or run `latentmoe cluster start` on one machine.", ATTENTION_RESOURCE,
+                   EXPERT_RESOURCE, ATTENTION_RESOURCE, EXPERT_RESOURCE)
+    return False

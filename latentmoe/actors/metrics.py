@@ -17,6 +17,8 @@ def requests_counter() -> metrics.Counter:
 
 
 class ServingMetrics:
+    """The ingress's: how requests went, as its clients saw them."""
+
     def __init__(self):
         self.requests = requests_counter()
         self.ttft = metrics.Histogram("latentmoe_time_to_first_token_seconds", "Admission to first token.",
@@ -27,11 +29,31 @@ class ServingMetrics:
                                      boundaries=_LATENCY_BOUNDARIES)
         self.prompt_tokens = metrics.Counter("latentmoe_prompt_tokens_total", "Prompt tokens of finished requests.")
         self.generation_tokens = metrics.Counter("latentmoe_generation_tokens_total", "Tokens generated.")
+        self.moved = metrics.Counter("latentmoe_requests_moved_total",
+                                     "Requests handed to another attention shard (theirs died or drained), "
+                                     "recomputed there.")
+
+
+class ShardMetrics:
+    """An attention shard's: its queue and its latent cache."""
+
+    def __init__(self):
         self.waiting = metrics.Gauge("latentmoe_num_requests_waiting", "Requests queued on attention shards.")
         self.running = metrics.Gauge("latentmoe_num_requests_running", "Requests running on attention shards.")
         self.cache_usage = metrics.Gauge("latentmoe_latent_cache_usage_ratio",
                                          "Used fraction of an attention shard's latent cache blocks.",
                                          tag_keys=("shard",))
+
+
+class ClusterMetrics:
+    """The coordinator's: membership, faults, expert load."""
+
+    def __init__(self):
+        self.live_shards = metrics.Gauge("latentmoe_live_shards", "Shards in the collective group, by kind.",
+                                         tag_keys=("kind",))
+        self.scale_outs = metrics.Counter("latentmoe_scale_outs_total", "Attention shards that joined a running "
+                                          "group (scale-out or replacement).")
+        self.scale_ins = metrics.Counter("latentmoe_scale_ins_total", "Attention shards that drained and left.")
         self.shard_tokens = metrics.Counter("latentmoe_expert_shard_tokens_total",
                                             "Tokens dispatched to an expert shard (once per token per layer).",
                                             tag_keys=("shard",))

@@ -1,11 +1,13 @@
-"""The Ray Serve application: one autoscaled ingress deployment, two front doors.
+"""The Ray Serve application: an autoscaled ingress deployment with two front doors, and the attention
+shards as a second autoscaled deployment behind it.
 
-HTTP (OpenAI-compatible, FastAPI) and gRPC (``latentmoe.v1.Generator`` and ``grpc.health.v1``)
-are served by the same replicas; every replica talks to one shared router (a detached, named
-actor: the first replica creates it with its shards, the others get it). The replica is thin:
-wire formats are parsed in ``latentmoe.proto``, requests run in the router.
+HTTP (OpenAI-compatible, FastAPI) and gRPC (``latentmoe.v1.Generator`` and ``grpc.health.v1``) are served by
+the same ingress replicas. The ingress is thin: wire formats are parsed in ``latentmoe.proto``, and each
+request goes through its engine client (``latentmoe.actors.engine_client``, injected) to an attention shard
+that Serve picks by load. The coordinator (a detached, named actor that the first replica creates with the
+expert shards) keeps the membership and answers health and expert-load questions; it is on no token's path.
 
-    serve run latentmoe.actors.serve_app:build_app attention_shards=1 expert_shards=2
+    serve run latentmoe.actors.serve_app:build_app attention_shards=1:2 expert_shards=2
 """
 
 
@@ -26,10 +28,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from ray import serve
 
-from latentmoe.actors.cluster import start_router
-from latentmoe.actors.names import INGRESS_DEPLOYMENT
+from latentmoe.actors.attention_shard import AttentionShardDeployment, OverloadedError
+from latentmoe.actors.cluster import start_coordinator
+from latentmoe.actors.engine_client import NoShardError, OutputTimeoutError, ShardClient, serve_opener, unwrap
+from latentmoe.actors.names import COORDINATOR_NAME, INGRESS_DEPLOYMENT
 from latentmoe.engine.engine_config import EngineConfig, reject_unknown_keys
-from latentmoe.cluster.router_state import OverloadedError
 from latentmoe.proto import openai_api as oai
 
 logger = logging.getLogger(__name__)
@@ -46,11 +49,19 @@ class ServeArgs:
 
     model: str | None = None  # checkpoint directory; None: the built-in tiny model
     served_model_name: str | None = None  # the name clients put in "model" (default: the directory's name)
-    attention_shards: int = 1
+    # attention shards: N (fixed) or "MIN:MAX" (Serve autoscales them on their ongoing requests)
+    attention_shards: int | str = 1
     expert_shards: int = 2
     engine: dict = dataclasses.field(default_factory=dict)  # EngineConfig fields (dtype, device, block_size, ...)
-    router_name: str = "latentmoe-router"
-    max_num_requests: int = 256  # requests in flight in the engine; more get 503 / RESOURCE_EXHAUSTED
+    coordinator_name: str = COORDINATOR_NAME
+    max_num_requests: int = 256  # requests in flight per attention shard; more get 503 / RESOURCE_EXHAUSTED
+    # attention autoscaling: ongoing requests per shard it aims at, and how long load must stay over / under
+    # it before a shard is added / removed (after the last one leaves, Ray's autoscaler removes the idle node)
+    target_shard_requests: float = 16
+    upscale_delay_s: float = 5.0
+    downscale_delay_s: float = 60.0
+    drain_timeout_s: float = 30.0  # a leaving shard finishes its requests this long, then hands them over
+    place_by_role: bool | None = None  # shards on attention_node / expert_node nodes; None: if the cluster has them
     max_body_bytes: int = 1 << 20  # HTTP bodies and gRPC request messages; larger ones get 413 / INVALID_ARGUMENT
     # Clients must send "Authorization: Bearer <key>" (HTTP /v1/*, and gRPC metadata for Generator) when a key
     # is set. api_key is visible in the Serve config; api_key_env names an environment variable of the Ray
@@ -70,6 +81,19 @@ class ServeArgs:
     replica_num_cpus: float = 0.25
     start_timeout_s: float = 300.0
 
+    @property
+    def attention_range(self) -> tuple[int, int]:
+        """(min, max) attention shards."""
+        value = self.attention_shards
+        low, _, high = value.partition(":") if isinstance(value, str) else (value, "", value)
+        try:
+            low, high = int(low), int(high or low)
+        except (TypeError, ValueError):
+            raise ValueError(f"attention_shards must be N or MIN:MAX, got {value!r}") from None
+        if not 1 <= low <= high:
+            raise ValueError(f"attention_shards must be N or MIN:MAX with 1 <= MIN <= MAX, got {value!r}")
+        return low, high
+
     def resolved_api_key(self) -> str | None:
         return self.api_key or (os.environ.get(self.api_key_env) if self.api_key_env else None) or None
 
@@ -83,13 +107,15 @@ class ServeArgs:
     def from_dict(cls, d: dict[str, Any]) -> "ServeArgs":
         reject_unknown_keys(cls, d, "application argument")
         args = cls(**d)
-        for name in ("attention_shards", "expert_shards", "max_num_requests", "min_replicas", "max_replicas"):
+        args.attention_range  # noqa: B018: validates
+        for name in ("expert_shards", "max_num_requests", "min_replicas", "max_replicas"):
             value = getattr(args, name)
             if isinstance(value, str) and value.isdigit():  # `serve run ... attention_shards=2` passes strings
                 setattr(args, name, value := int(value))
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("step_timeout_s", "recovery_timeout_s", "output_timeout_s", "start_timeout_s"):
+        for name in ("step_timeout_s", "recovery_timeout_s", "output_timeout_s", "start_timeout_s",
+                     "target_shard_requests", "upscale_delay_s", "downscale_delay_s", "drain_timeout_s"):
             value = getattr(args, name)
             if isinstance(value, str):
                 setattr(args, name, value := float(value))
@@ -109,25 +135,32 @@ def _error(e: oai.ApiError) -> JSONResponse:
     return JSONResponse(e.body(), status_code=e.status)
 
 
-class RouterTimeoutError(Exception):
-    """The router did not answer in time (it hangs, or a recovery outlasted the output timeout)."""
+class ControlTimeoutError(Exception):
+    """The coordinator did not answer in time."""
 
 
 async def _within(awaitable, timeout_s: float, what: str):
     try:
         return await asyncio.wait_for(awaitable, timeout_s)
     except asyncio.TimeoutError:
-        raise RouterTimeoutError(f"the router did not answer {what} within {timeout_s:g} s") from None
+        raise ControlTimeoutError(f"the coordinator did not answer {what} within {timeout_s:g} s") from None
+
+
+def _overloaded(e: BaseException) -> bool:
+    from ray.serve.exceptions import BackPressureError
+
+    return isinstance(e, (OverloadedError, BackPressureError))
 
 
 def _engine_error(e: BaseException) -> oai.ApiError:
-    """What the router raised -> the client's error: bad input 400, overload 503, the rest 503 as well."""
-    if isinstance(e, ray.exceptions.RayTaskError):
-        e = e.as_instanceof_cause()
-    if isinstance(e, OverloadedError):
-        return oai.ApiError(503, str(e), code="overloaded")
-    if isinstance(e, RouterTimeoutError):
+    """What the engine raised -> the client's error: bad input 400, overload 503, the rest 503 as well."""
+    e = unwrap(e)
+    if _overloaded(e):
+        return oai.ApiError(503, str(e) or "the server is at capacity; retry later", code="overloaded")
+    if isinstance(e, (OutputTimeoutError, ControlTimeoutError)):
         return oai.ApiError(503, str(e), code="timeout")
+    if isinstance(e, NoShardError):
+        return oai.ApiError(503, str(e), code="unavailable")
     if isinstance(e, (ValueError, TypeError)):
         message = str(e)
         param = "prompt" if "prompt" in message or "token id" in message or "context length" in message else None
@@ -144,9 +177,8 @@ def _check_parsed(request) -> None:
 
 
 def _set_grpc_error(grpc_context, e: BaseException) -> None:
-    if isinstance(e, ray.exceptions.RayTaskError):
-        e = e.as_instanceof_cause()
-    if isinstance(e, OverloadedError):
+    e = unwrap(e)
+    if _overloaded(e):
         code = grpc.StatusCode.RESOURCE_EXHAUSTED
     elif isinstance(e, (ValueError, TypeError)):
         code = grpc.StatusCode.INVALID_ARGUMENT
@@ -159,7 +191,9 @@ def _set_grpc_error(grpc_context, e: BaseException) -> None:
 @serve.deployment(name=INGRESS_DEPLOYMENT)
 @serve.ingress(app)
 class LatentMoEServer:
-    def __init__(self, args: dict):
+    def __init__(self, args: dict, shards=None, engine: ShardClient | None = None):
+        """``shards``: the attention deployment's handle (Serve passes it); ``engine``: an engine client to use
+        instead (anything with ``ShardClient``'s methods: tests inject one)."""
         self.args = ServeArgs.from_dict(args)
         model = self.args.model
         if model is None:
@@ -171,11 +205,6 @@ class LatentMoEServer:
         from latentmoe.actors.metrics import requests_counter
 
         self._requests = requests_counter()  # the requests refused here, before the engine sees them
-        self.router, self.info = start_router(
-            dataclasses.asdict(config), self.args.attention_shards, self.args.expert_shards,
-            timeout_s=self.args.start_timeout_s, max_num_requests=self.args.max_num_requests,
-            name=self.args.router_name, step_timeout_s=self.args.step_timeout_s,
-            recovery_timeout_s=self.args.recovery_timeout_s)
         self.api_key = self.args.resolved_api_key()
         self.output_timeout_s = self.args.resolved_output_timeout_s()
         from latentmoe.model.tokenizer import Tokenizer
@@ -184,45 +213,49 @@ class LatentMoEServer:
             self.tokenizer = Tokenizer.from_dir(model)
         except FileNotFoundError:
             self.tokenizer = None
-        self.max_model_len = self.info["max_model_len"]
+        if engine is None:
+            from latentmoe.actors.metrics import ServingMetrics
+
+            coordinator = start_coordinator(
+                dataclasses.asdict(config), self.args.expert_shards, self.args.coordinator_name,
+                timeout_s=self.args.start_timeout_s, step_timeout_s=self.args.step_timeout_s,
+                recovery_timeout_s=self.args.recovery_timeout_s,
+                place_by_role=_cluster_has_roles() if self.args.place_by_role is None else self.args.place_by_role)
+            info = _wait_for_attention(coordinator, self.args.start_timeout_s)
+            recovery = self.args.start_timeout_s if self.args.recovery_timeout_s is None else \
+                self.args.recovery_timeout_s
+            engine = ShardClient(serve_opener(shards), coordinator, self.tokenizer, info,
+                                 output_timeout_s=self.output_timeout_s, recovery_timeout_s=recovery,
+                                 metrics=ServingMetrics())
+        self.engine = engine
+        self.max_model_len = engine.max_model_len
         self.created = int(time.time())
         self._token_texts: dict[int, str] = {}
+        self._live: dict[str, object] = {}  # request id -> its stream (for aborts from the gRPC proxy)
 
     # ---- the engine, for both doors ---------------------------------------------------------------------------
 
     async def _stream(self, prompt, params, request_id: str):
-        """The router's outputs for one request; aborts it if the caller goes away before the end.
-
-        The stream is back-pressured, which is also how the router learns that this replica died: its side
-        of the stream then ends, and it aborts the request. A wait for an output longer than the output
-        timeout aborts the request and raises ``RouterTimeoutError``.
-        """
-        gen = self.router.generate.options(num_returns="streaming", _generator_backpressure_num_objects=64).remote(
-            prompt, params, request_id)
-        finished = False
+        """The engine's outputs for one request; stopping early (the caller went away) aborts it."""
+        stream = self.engine.generate(prompt, params, request_id)
+        self._live[request_id] = stream
         try:
-            while True:
-                try:
-                    ref = await _within(gen.__anext__(), self.output_timeout_s, "with the next output")
-                except StopAsyncIteration:
-                    return
-                out = await ref
-                finished = out.finished
+            async for out in stream:
                 yield out
         finally:
-            if not finished:
-                self.router.abort.remote(request_id)
-                try:
-                    ray.cancel(gen)  # ends the router's side of the stream, which back-pressure may hold at a yield
-                except Exception as e:  # noqa: BLE001: the abort above is what matters
-                    logger.debug("cancel of %s: %r", request_id, e)
+            self._live.pop(request_id, None)
+            await stream.aclose()
 
     async def abort_request(self, request_id: str) -> bool:
         """Abort a request (called by Serve's gRPC proxy for a stream it dropped; see ``grpc_ingress``)."""
-        return await self._call(self.router.abort.remote(request_id), "the abort")
+        stream = self._live.pop(request_id, None)
+        if stream is None:
+            return False
+        await stream.aclose()
+        return True
 
-    async def _call(self, ref, what: str, timeout_s: float = 30.0):
-        return await _within(ref, timeout_s, what)
+    async def _call(self, awaitable, what: str, timeout_s: float = 30.0):
+        return await _within(awaitable, timeout_s, what)
 
     def _authorized(self, authorization: str | None) -> bool:
         if self.api_key is None:
@@ -261,15 +294,21 @@ class LatentMoEServer:
 
     @app.get("/health")
     async def health(self):
-        """Open without an API key (for load balancers and probes); 503 when the router does not answer."""
+        """Open without an API key (for load balancers and probes): the live shards; 503 when the coordinator
+        does not answer, the cluster is down, or no attention shard is up."""
         try:
-            counters = await self._call(self.router.counters.remote(), "the health check", 10.0)
-        except Exception as e:  # noqa: BLE001: any failure of the router is "unhealthy"
+            status = await self._call(self.engine.status(), "the health check", 10.0)
+        except Exception as e:  # noqa: BLE001: any failure of the coordinator is "unhealthy"
             return _error(_engine_error(e))
-        if counters.get("error"):
-            return _error(oai.ApiError(503, f"the cluster is down: {counters['error']}", code="unavailable"))
-        return {"status": "ok", "live_requests": counters["num_live_requests"],
-                "attention_shards_alive": counters.get("attention_shards_alive")}
+        if status.get("error"):
+            return _error(oai.ApiError(503, f"the cluster is down: {status['error']}", code="unavailable"))
+        if not status["attention_shards"]:
+            return _error(oai.ApiError(503, "no attention shard is up", code="unavailable"))
+        return {"status": "ok", "attention_shards": status["attention_shards"],
+                "expert_shards": status["expert_shards"], "epoch": status["epoch"],
+                "live_requests": status["num_running"] + status["num_waiting"],
+                "scale_outs": status["num_scale_outs"], "scale_ins": status["num_scale_ins"],
+                "recoveries": status["num_recoveries"], "moved_requests": getattr(self.engine, "num_moves", 0)}
 
     @app.get("/v1/models")
     async def models(self, request: Request):
@@ -284,7 +323,7 @@ class LatentMoEServer:
     async def cache(self, request: Request):
         try:
             self._check_http_key(request)
-            return await self._call(self.router.cache_stats.remote(), "the cache statistics")
+            return await self._call(self.engine.cache_stats(), "the cache statistics")
         except oai.ApiError as e:
             return _error(e)
         except Exception as e:  # noqa: BLE001
@@ -296,7 +335,7 @@ class LatentMoEServer:
         try:
             self._check_http_key(request)
             window = float(window_s)
-            return await self._call(self.router.expert_load.remote(window), "the expert load")
+            return await self._call(self.engine.expert_load(window), "the expert load")
         except oai.ApiError as e:
             return _error(e)
         except ValueError:
@@ -351,7 +390,7 @@ class LatentMoEServer:
             req = oai.parse_chat(body, self.tokenizer, self.max_model_len) if chat else oai.parse_completion(body)
             self._check_model(req.model)
             prompt_ids, prompt_texts = self._tokenize_all(req)
-            engine_called = True  # from here on the router counts how requests end
+            engine_called = True  # from here on the engine client counts how requests end
             try:
                 for i, ids in enumerate(prompt_ids):
                     request_id = req.request_id if len(prompt_ids) == 1 else f"{req.request_id}-{i}"
@@ -553,7 +592,7 @@ class LatentMoEServer:
         self._check_grpc_key(grpc_context)
         try:
             _check_parsed(request)
-            return expert_load_to_proto(await self._call(self.router.expert_load.remote(request.window_s or 60.0),
+            return expert_load_to_proto(await self._call(self.engine.expert_load(request.window_s or 60.0),
                                                          "the expert load"))
         except Exception as e:
             _set_grpc_error(grpc_context, e)
@@ -566,10 +605,10 @@ class LatentMoEServer:
 
         status = health_pb2.HealthCheckResponse.SERVING
         try:
-            counters = await asyncio.wait_for(self.router.counters.remote(), 10)
-            if counters.get("error"):
+            state = await asyncio.wait_for(self.engine.status(), 10)
+            if state.get("error") or not state["attention_shards"]:
                 status = health_pb2.HealthCheckResponse.NOT_SERVING
-        except Exception:  # noqa: BLE001: any failure of the router is "not serving"
+        except Exception:  # noqa: BLE001: any failure of the coordinator is "not serving"
             status = health_pb2.HealthCheckResponse.NOT_SERVING
         return health_pb2.HealthCheckResponse(status=status)
 
@@ -579,13 +618,69 @@ class LatentMoEServer:
             await asyncio.sleep(5)
 
 
+def _wait_for_attention(coordinator, timeout_s: float) -> dict:
+    """The coordinator's info once an attention shard has registered (the context length comes from one)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = ray.get(coordinator.start.remote(), timeout=timeout_s + 30)
+        if info["max_model_len"] is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if info["max_model_len"] is None:
+        raise RuntimeError(f"no attention shard came up within {timeout_s:g} s")
+    return info
+
+
+def attention_deployment(parsed: "ServeArgs", config: dict):
+    """The attention shards' deployment, bound: autoscaled min..max on ongoing requests, on attention nodes."""
+    low, high = parsed.attention_range
+    gpu = config.get("device", "cpu").startswith("cuda")
+    place_by_role = parsed.place_by_role
+    actor_options: dict = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
+    if place_by_role is None:
+        place_by_role = _cluster_has_roles()
+    if place_by_role:
+        from latentmoe.actors.placement import ATTENTION_RESOURCE
+
+        actor_options["resources"] = {ATTENTION_RESOURCE: 1.0}
+    options = {"collective_timeout_s": parsed.step_timeout_s / 2, "start_timeout_s": parsed.start_timeout_s,
+               "max_num_requests": parsed.max_num_requests,
+               "coordinator_args": {"num_expert": parsed.expert_shards, "step_timeout_s": parsed.step_timeout_s,
+                                    "recovery_timeout_s": parsed.recovery_timeout_s,
+                                    "place_by_role": bool(place_by_role)}}
+    return AttentionShardDeployment.options(
+        autoscaling_config={"min_replicas": low, "max_replicas": high, "initial_replicas": low,
+                            "target_ongoing_requests": parsed.target_shard_requests,
+                            "upscale_delay_s": parsed.upscale_delay_s, "downscale_delay_s": parsed.downscale_delay_s},
+        max_ongoing_requests=parsed.max_num_requests, max_queued_requests=parsed.max_queued_requests,
+        graceful_shutdown_timeout_s=parsed.drain_timeout_s, graceful_shutdown_wait_loop_s=1.0,
+        health_check_period_s=5.0, ray_actor_options=actor_options,
+    ).bind(config, parsed.coordinator_name, options)
+
+
+def _cluster_has_roles() -> bool:
+    from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
+
+    if not ray.is_initialized():
+        return True
+    have = ray.cluster_resources()
+    return bool(have.get(ATTENTION_RESOURCE) and have.get(EXPERT_RESOURCE))
+
+
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
     """The application for ``serve run`` / ``serve deploy`` / ``serveConfigV2``."""
     parsed = ServeArgs.from_dict(dict(args or {}))
+    model = parsed.model
+    if model is None:
+        from latentmoe.model.tiny import default_model_dir
+
+        model = str(default_model_dir())
+    config = dataclasses.asdict(EngineConfig.from_dict({"model": model, **parsed.engine}))
+    shards = attention_deployment(parsed, config)
     return LatentMoEServer.options(
         autoscaling_config={"min_replicas": parsed.min_replicas, "max_replicas": parsed.max_replicas,
                             "target_ongoing_requests": parsed.target_ongoing_requests},
         max_ongoing_requests=parsed.max_ongoing_requests,
         max_queued_requests=parsed.max_queued_requests,
         ray_actor_options={"num_cpus": parsed.replica_num_cpus},
-    ).bind(dict(args or {}))
+    ).bind(dict(args or {}), shards)

@@ -117,6 +117,13 @@ class Communicator(ABC):
         recv = self.all_to_all(torch.tensor(send_counts, dtype=torch.long, device=self.device)[:, None], ones, ones)
         return recv.flatten().tolist()
 
+    def all_gather_ints(self, values: list[int]) -> list[list[int]]:
+        """Every rank's ``values`` (the same length on every rank), in rank order: the step loop's small
+        collective at the start of each step (work counts, epochs)."""
+        W, ones = self.world_size, [1] * self.world_size
+        row = torch.tensor(values, dtype=torch.long, device=self.device)
+        return self.all_to_all(row[None].expand(W, -1), ones, ones).tolist()
+
     @abstractmethod
     def barrier(self) -> None: ...
 

@@ -12,8 +12,10 @@ nothing to send.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -21,6 +23,7 @@ from latentmoe.cluster.communicator import Communicator
 from latentmoe.cluster.dispatch import AttentionDispatcher, expert_exchange
 from latentmoe.engine.engine import LLMEngine, RequestOutput
 from latentmoe.engine.engine_config import EngineConfig
+from latentmoe.cluster.membership import Group
 from latentmoe.cluster.placement import ExpertPlacement
 from latentmoe.engine.sampling_params import SamplingParams
 from latentmoe.kernels import set_kernels, use_triton
@@ -37,86 +40,112 @@ def shard_threads(assigned_cpus: float | None, cores: int | None = None) -> int:
 
 @dataclass
 class NewRequest:
-    """A request handed to an attention shard: already tokenized and validated by the router."""
+    """A request handed to an attention shard: already tokenized and validated by the ingress."""
 
     request_id: str
     prompt_token_ids: list[int]
     params: SamplingParams
-    # a request moved here from a shard that failed: the tokens (and characters of text) its client has
+    # a request moved here from a shard that failed (or drained): the tokens (and characters of text) its client has
     # already received; they are recomputed into this shard's cache and the stream goes on after them
     output_token_ids: list[int] = field(default_factory=list)
     num_output_chars: int = 0
 
 
-@dataclass
-class StepResult:
-    outputs: list[RequestOutput] = field(default_factory=list)
-    errors: dict[str, str] = field(default_factory=dict)  # request id -> why the shard refused it
-    cache: dict = field(default_factory=dict)  # the shard's cache_stats() after the step
-    seconds: float = 0.0  # wall time of the step on the shard
-    a2a_seconds: float = 0.0  # of which in the collectives
-    compute_seconds: float = 0.0  # expert shards: time in the experts themselves
-    num_tokens: int = 0  # tokens this shard ran (attention) or received (experts)
-    dispatch: dict | None = None  # attention shards, about once a second: cumulative DispatchStats.as_dict()
-
-
 class AttentionShard:
+    """A ``Stepper`` (``latentmoe.cluster.step_loop``): adds and aborts arrive from any thread into an inbox,
+    the step loop's thread applies them at the start of a step and hands each step's outputs to ``publish``.
+
+    If the step fails (a peer died in a collective), the engine is left as it was scheduled: running the
+    next step recomputes the same tokens (blocks are grown idempotently, nothing was sampled or emitted).
+    """
+
     STATS_INTERVAL_S = 1.0
 
-    def __init__(self, config: EngineConfig, placement: ExpertPlacement, expert_ranks: list[int]):
-        self.placement, self.expert_ranks = placement, expert_ranks
+    def __init__(self, config: EngineConfig, placement: ExpertPlacement,
+                 publish: Callable[[list[RequestOutput], dict[str, str]], None] | None = None,
+                 report_load: Callable[[dict], None] | None = None):
+        self.placement = placement
+        self.publish = publish or (lambda outputs, errors: None)
+        self.report_load = report_load or (lambda stats: None)
         self._stats_sent = 0.0
         self.dispatcher: AttentionDispatcher | None = None
         self.engine = LLMEngine(config, expert_ids=[], routed_fn=self._routed)
         self.model_config = self.engine.model_config
         self.hidden_dtype = resolve_dtype(config.dtype)
+        self._inbox: list[tuple[str, object]] = []  # ("add", NewRequest) | ("abort", request id)
+        self._inbox_lock = threading.Lock()
+        self._num_queued = 0
+        self.cache = self.engine.cache_stats()  # after the last step (read from other threads)
+        self.num_requests = 0  # admitted and not finished (read from other threads)
+        self.timings = {"step_s": 0.0, "a2a_s": 0.0, "num_steps": 0}
 
-    def connect(self, comm: Communicator, expert_ranks: list[int] | None = None) -> None:
-        """Join a (new) collective group; after a fault the ranks may have moved. Statistics carry over."""
-        if expert_ranks is not None:
-            self.expert_ranks = expert_ranks
+    # ---- any thread -------------------------------------------------------------------------------------------
+
+    def add(self, req: NewRequest) -> None:
+        with self._inbox_lock:
+            self._inbox.append(("add", req))
+            self._num_queued += 1
+
+    def abort(self, request_id: str) -> None:
+        with self._inbox_lock:
+            self._inbox.append(("abort", request_id))
+
+    # ---- the step loop's thread -------------------------------------------------------------------------------
+
+    def connect(self, comm: Communicator, group: Group) -> None:
+        """Join a (new) collective group; the ranks may have moved. Statistics carry over."""
         c = self.model_config
         previous = self.dispatcher
-        self.dispatcher = AttentionDispatcher(comm, self.placement, self.expert_ranks, c.num_experts_per_tok,
+        self.dispatcher = AttentionDispatcher(comm, self.placement, group.expert_ranks, c.num_experts_per_tok,
                                               c.n_routed_experts)
         if previous is not None:
             self.dispatcher.stats, self.dispatcher.a2a_seconds = previous.stats, previous.a2a_seconds
+
+    def num_work(self) -> int:
+        return len(self.engine.requests) + self._num_queued
 
     def _routed(self, layer, h, topk_ids, topk_weights):
         assert self.dispatcher is not None, "attention shard stepped before its collective group was formed"
         return self.dispatcher.routed(layer, h, topk_ids, topk_weights)
 
-    def step(self, new: list[NewRequest], aborts: list[str]) -> StepResult:
-        """Apply the router's adds and aborts, then run one step (or an idle pass through the exchanges).
+    def _apply_inbox(self) -> tuple[list[RequestOutput], dict[str, str]]:
+        with self._inbox_lock:
+            inbox, self._inbox, self._num_queued = self._inbox, [], 0
+        outputs, errors = [], {}
+        for kind, item in inbox:
+            if kind == "abort":
+                out = self.engine.abort_request(item)
+                if out is not None:
+                    outputs.append(out)
+                continue
+            try:
+                self.engine.add_request(item.prompt_token_ids, item.params, request_id=item.request_id,
+                                        output_token_ids=item.output_token_ids,
+                                        num_output_chars=item.num_output_chars)
+            except (ValueError, TypeError) as e:
+                errors[item.request_id] = str(e)
+        return outputs, errors
 
-        If the step fails (a peer died in a collective), the engine is left as it was scheduled: running the
-        next step recomputes the same tokens (blocks are grown idempotently, nothing was sampled or emitted).
-        """
+    def step(self) -> None:
         start = time.perf_counter()
         a2a_before = self.dispatcher.a2a_seconds
-        result = StepResult()
-        for request_id in aborts:
-            out = self.engine.abort_request(request_id)
-            if out is not None:
-                result.outputs.append(out)
-        for req in new:
-            try:
-                self.engine.add_request(req.prompt_token_ids, req.params, request_id=req.request_id,
-                                        output_token_ids=req.output_token_ids,
-                                        num_output_chars=req.num_output_chars)
-            except (ValueError, TypeError) as e:
-                result.errors[req.request_id] = str(e)
+        outputs, errors = self._apply_inbox()
+        if outputs or errors:  # aborts and refusals are final whatever the step does
+            self.publish(outputs, errors)
         passes = self.engine.num_forward_passes
-        result.outputs += self.engine.step()
+        outputs = self.engine.step()
         if self.engine.num_forward_passes == passes:
             self.idle_pass()
-        result.cache = self.engine.cache_stats()
+        self.cache = self.engine.cache_stats()
+        self.num_requests = len(self.engine.requests)
+        self.timings["step_s"] += time.perf_counter() - start
+        self.timings["a2a_s"] += self.dispatcher.a2a_seconds - a2a_before
+        self.timings["num_steps"] += 1
+        if outputs:
+            self.publish(outputs, {})
         if time.monotonic() - self._stats_sent >= self.STATS_INTERVAL_S or not self.engine.has_unfinished:
-            result.dispatch = self.stats()
             self._stats_sent = time.monotonic()
-        result.seconds = time.perf_counter() - start
-        result.a2a_seconds = self.dispatcher.a2a_seconds - a2a_before
-        return result
+            self.report_load(self.stats())
 
     def idle_pass(self) -> None:
         """Join every MoE layer's exchange with no tokens, so the expert shards and the other attention
@@ -131,18 +160,8 @@ class AttentionShard:
     def stats(self) -> dict:
         return self.dispatcher.stats.as_dict() if self.dispatcher else {}
 
-    def request_ids(self) -> list[str]:
-        return list(self.engine.requests)
-
-    def abort_all(self) -> list[str]:
-        """Drop every request (the router gave up on them); returns their ids. Frees all blocks."""
-        ids = list(self.engine.requests)
-        for request_id in ids:
-            self.engine.abort_request(request_id)
-        return ids
-
     def cache_stats_and_limits(self) -> dict:
-        return self.engine.cache_stats() | {"max_model_len": self.engine.max_model_len}
+        return self.cache | {"max_model_len": self.engine.max_model_len, "num_requests": self.num_requests}
 
 
 class ExpertShard:
@@ -158,12 +177,16 @@ class ExpertShard:
         set_kernels(self.model, use_triton(config.kernels, self.device))
         self.comm: Communicator | None = None
         self.num_rows = 0
+        self.timings = {"step_s": 0.0, "compute_s": 0.0, "num_steps": 0}
 
-    def connect(self, comm: Communicator) -> None:
+    def connect(self, comm: Communicator, group: Group) -> None:
         self.comm = comm
 
+    def num_work(self) -> int:
+        return 0
+
     @torch.no_grad()
-    def step(self) -> StepResult:
+    def step(self) -> None:
         """Serve one step: every MoE layer's exchange, in order."""
         assert self.comm is not None, "expert shard stepped before its collective group was formed"
         start = time.perf_counter()
@@ -173,4 +196,6 @@ class ExpertShard:
                                          self.config.num_experts_per_tok, self.dtype, self.device)
             rows, compute = rows + n, compute + seconds
         self.num_rows += rows
-        return StepResult(seconds=time.perf_counter() - start, compute_seconds=compute, num_tokens=rows)
+        self.timings["step_s"] += time.perf_counter() - start
+        self.timings["compute_s"] += compute
+        self.timings["num_steps"] += 1

@@ -102,6 +102,26 @@ class RequestOutput:
         return cls(request_id, prompt_token_ids, [CompletionOutput(0, token_ids, text, **fields)], finished)
 
 
+def coalesce(outputs: list[RequestOutput]) -> RequestOutput:
+    """Successive outputs of one request as one: the last one's state, with every delta in between.
+
+    An attention shard sends what piled up while its consumer was busy as one message."""
+    if len(outputs) == 1:
+        return outputs[0]
+    last = outputs[-1]
+    samples = []
+    for i, sample in enumerate(last.outputs):
+        parts = [o.outputs[i] for o in outputs if i < len(o.outputs)]
+        delta_logprobs = None
+        if any(p.delta_logprobs is not None for p in parts):
+            delta_logprobs = [lp for p in parts for lp in (p.delta_logprobs or [])]
+        samples.append(dataclasses.replace(sample, delta_token_ids=[t for p in parts for t in p.delta_token_ids],
+                                           delta_text="".join(p.delta_text for p in parts),
+                                           delta_logprobs=delta_logprobs))
+    prompt_logprobs = next((o.prompt_logprobs for o in outputs if o.prompt_logprobs is not None), None)
+    return dataclasses.replace(last, outputs=samples, prompt_logprobs=prompt_logprobs)
+
+
 def tokenize_prompt(tokenizer: Tokenizer | None, vocab_size: int, max_model_len: int,
                     prompt: str | list[int]) -> list[int]:
     """Prompt text or ids -> ids, validated: ``ValueError`` naming the problem."""

@@ -1,0 +1,274 @@
+"""The attention shard: a whole engine over the attention side, in a Ray process of its own.
+
+``AttentionServer`` is the shard inside its process: it registers with the coordinator, long-polls it
+for new groups (``watch``), runs the lockstep step loop on a thread, and streams each request's outputs
+back to its caller, one message per step at most (what piled up while the caller was busy goes as one).
+Two thin shells hold it: ``AttentionShardDeployment``, the Ray Serve deployment that Serve autoscales
+(each replica one shard, placed on an attention node), and ``AttentionShardActor``, a plain actor for
+the offline ``LLM``. A request's stream ending early (its caller cancelled, or died) aborts it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import uuid
+
+import ray
+
+from latentmoe.actors.metrics import ShardMetrics
+from latentmoe.actors.names import ROUTER_NAMESPACE
+from latentmoe.cluster.membership import ATTENTION, Member
+from latentmoe.cluster.shards import AttentionShard, NewRequest, shard_threads
+from latentmoe.cluster.step_loop import Doorbell, StepLoop
+from latentmoe.engine.engine import RequestOutput, coalesce
+from latentmoe.engine.engine_config import EngineConfig
+from latentmoe.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class OverloadedError(RuntimeError):
+    """The shard is at its bound on requests in flight: HTTP 503 / gRPC RESOURCE_EXHAUSTED at the edge."""
+
+
+class ShardGoneError(RuntimeError):
+    """This shard is leaving (drained) or lost its cluster: the caller moves the request to another shard."""
+
+
+class AttentionServer:
+    def __init__(self, config: dict, coordinator_name: str, *, max_num_requests: int = 256,
+                 collective_timeout_s: float = 60.0, start_timeout_s: float = 300.0, member_id: str | None = None,
+                 coordinator_args: dict | None = None):
+        """``coordinator_args``: to create the coordinator if this shard comes up first (``start_coordinator``'s
+        keywords); without them it must exist."""
+        import torch
+
+        torch.set_num_threads(shard_threads(ray.get_runtime_context().get_assigned_resources().get("CPU")))
+        self.max_num_requests = max_num_requests
+        if coordinator_args is not None:
+            from latentmoe.actors.cluster import start_coordinator
+
+            self.coordinator = start_coordinator(config, name=coordinator_name, timeout_s=start_timeout_s,
+                                                 **coordinator_args)
+        else:
+            self.coordinator = ray.get_actor(coordinator_name, namespace=ROUTER_NAMESPACE)
+        self.start_timeout_s = start_timeout_s
+        info = ray.get(self.coordinator.start.remote(), timeout=start_timeout_s)
+        self.member_id = member_id or f"attention-{uuid.uuid4().hex[:8]}"
+        self.metrics = ShardMetrics()
+        self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self.shard = AttentionShard(EngineConfig.from_dict(config), info["placement"], publish=self._publish,
+                                    report_load=self._report_load)
+        self.doorbell = Doorbell(ray.util.get_node_ip_address())
+        ctx = ray.get_runtime_context()
+        self.member = Member(self.member_id, ATTENTION, ctx.get_node_id(), self.doorbell.address)
+        self.steps = StepLoop(self.shard, self.member_id, self.doorbell, collective_timeout_s=collective_timeout_s,
+                              on_joined=lambda epoch: self.coordinator.joined.remote(self.member_id, epoch),
+                              on_fault=lambda epoch, error: self.coordinator.fault.remote(self.member_id, epoch,
+                                                                                           error))
+        self.draining = False
+        self.error: str | None = None
+        self._closed = False
+        self._register()
+        self._watcher = threading.Thread(target=self._watch, name="latentmoe-watch", daemon=True)
+        self._watcher.start()
+
+    # ---- the control plane ----------------------------------------------------------------------------------
+
+    def _register(self) -> None:
+        info = {"max_model_len": self.shard.engine.max_model_len, "pid": os.getpid(),
+                "node_id": self.member.node_id, "node_ip": ray.util.get_node_ip_address()}
+        ray.get(self.coordinator.register.remote(self.member, info, ray.get_runtime_context().current_actor,
+                                                 self.steps.group), timeout=self.start_timeout_s)
+
+    def _watch(self) -> None:
+        """Long-poll the coordinator for new groups; after it restarts, register again."""
+        known = 0
+        while not self._closed and not self.steps.left.is_set():
+            try:
+                reply = ray.get(self.coordinator.watch.remote(self.member_id, known), timeout=60)
+            except Exception as e:  # noqa: BLE001: the coordinator died (Ray restarts it) or is slow
+                logger.warning("latentmoe %s: coordinator unreachable (%r); registering again", self.member_id, e)
+                time.sleep(1.0)
+                try:
+                    self._register()
+                except Exception:  # noqa: BLE001
+                    pass
+                continue
+            if reply["error"] is not None:
+                self._fail_all(f"the cluster is down: {reply['error']}")
+            group = reply["group"]
+            if group is not None and group.epoch > known:
+                known = group.epoch
+                self.steps.assign(group)
+
+    def _report_load(self, stats: dict) -> None:  # the step thread, about once a second
+        cache = self.shard.cache
+        self.coordinator.report_load.remote(self.member_id, stats, cache)
+        self.metrics.waiting.set(cache.get("num_waiting", 0), tags={"shard": self.member_id})
+        self.metrics.running.set(cache.get("num_running", 0), tags={"shard": self.member_id})
+        if cache.get("num_blocks"):
+            self.metrics.cache_usage.set(1 - cache["num_free_blocks"] / cache["num_blocks"],
+                                         tags={"shard": self.member_id})
+
+    # ---- requests -------------------------------------------------------------------------------------------
+
+    async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                       output_token_ids: list[int] | None = None, num_output_chars: int = 0):
+        """Stream one request's outputs (the last has ``finished``). ``output_token_ids``: what the caller
+        already has from a shard that failed or drained (recomputed here; the stream goes on after them)."""
+        if self.error is not None or self.draining:
+            raise ShardGoneError(self.error or f"attention shard {self.member_id} is draining")
+        if self.shard.num_work() >= self.max_num_requests:
+            raise OverloadedError(f"the attention shard is at capacity ({self.max_num_requests} requests in "
+                                  "flight); retry later")
+        if request_id in self.streams:
+            raise ValueError(f"request id {request_id!r} is already running")
+        queue: asyncio.Queue = asyncio.Queue()
+        self.streams[request_id] = (asyncio.get_running_loop(), queue)
+        self.shard.add(NewRequest(request_id, list(prompt_token_ids), params, list(output_token_ids or []),
+                                  num_output_chars))
+        self.steps.wake()
+        finished = False
+        try:
+            while True:
+                items = [await queue.get()]
+                while not queue.empty():
+                    items.append(queue.get_nowait())
+                errors = [i for i in items if isinstance(i, BaseException)]
+                outs = [i for i in items if not isinstance(i, BaseException)]
+                if outs:
+                    out = coalesce(outs)
+                    yield out
+                    if out.finished:
+                        finished = True
+                        return
+                if errors:
+                    raise errors[0]
+        finally:
+            self.streams.pop(request_id, None)
+            if not finished:
+                self.shard.abort(request_id)
+                self.steps.wake()
+
+    def _publish(self, outputs: list[RequestOutput], errors: dict[str, str]) -> None:
+        """The step thread's outputs, to the streams' event loop in one hop."""
+        by_loop: dict = {}
+        for out in outputs:
+            entry = self.streams.get(out.request_id)
+            if entry is not None:
+                by_loop.setdefault(entry[0], []).append((entry[1], out))
+        for request_id, message in errors.items():
+            entry = self.streams.get(request_id)
+            if entry is not None:
+                by_loop.setdefault(entry[0], []).append((entry[1], ValueError(message)))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
+
+    def _fail_all(self, message: str) -> None:
+        self.error = message
+        for loop, queue in list(self.streams.values()):
+            loop.call_soon_threadsafe(queue.put_nowait, ShardGoneError(message))
+
+    # ---- state and leaving ----------------------------------------------------------------------------------
+
+    def stats(self) -> dict:
+        return self.shard.cache_stats_and_limits() | {
+            "member_id": self.member_id, "epoch": self.steps.epoch, "num_steps": self.steps.num_steps,
+            "num_idle_rounds": self.steps.num_idle_rounds, "num_wakeups": self.steps.num_wakeups,
+            "dispatch": self.shard.stats(), "timings": dict(self.shard.timings), "pid": os.getpid(),
+            "node_id": self.member.node_id, "draining": self.draining}
+
+    def check_health(self) -> None:
+        if self.steps.error is not None:
+            raise RuntimeError(f"the step loop stopped: {self.steps.error!r}")
+        if self.error is not None:
+            raise RuntimeError(self.error)
+
+    def leave(self, grace_s: float = 30.0) -> int:
+        """Drain: take no new request, let those in flight finish within ``grace_s``, hand the rest back to
+        their callers (``ShardGoneError``: they move them to another shard), then leave the group.
+        Returns how many were handed back."""
+        self.draining = True
+        deadline = time.monotonic() + grace_s
+        while self.shard.num_work() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        handed_back = len(self.streams)
+        if handed_back:
+            self._fail_all(f"attention shard {self.member_id} left")
+        try:
+            ray.get(self.coordinator.leave.remote(self.member_id), timeout=30)
+            self.steps.left.wait(timeout=self.steps.collective_timeout_s + 30)
+        except Exception:  # noqa: BLE001: no coordinator: the others see a fault and re-form without us
+            logger.exception("latentmoe %s: could not leave cleanly", self.member_id)
+        self.close()
+        return handed_back
+
+    def close(self) -> None:
+        self._closed = True
+        self.steps.stop()
+        self.doorbell.close()
+
+
+def _put_all(items) -> None:
+    for queue, item in items:
+        queue.put_nowait(item)
+
+
+@ray.remote
+class AttentionShardActor:
+    """An attention shard for the offline ``LLM`` (no Serve): the same ``AttentionServer``."""
+
+    def __init__(self, config: dict, coordinator_name: str, **kwargs):
+        self.server = AttentionServer(config, coordinator_name, **kwargs)
+
+    async def generate(self, *args, **kwargs):
+        async for out in self.server.generate(*args, **kwargs):
+            yield out
+
+    def stats(self) -> dict:
+        return self.server.stats()
+
+    async def leave(self, grace_s: float = 30.0) -> int:
+        return await asyncio.to_thread(self.server.leave, grace_s)
+
+
+def _deployment():
+    from ray import serve
+
+    from latentmoe.actors.names import ATTENTION_DEPLOYMENT
+
+    @serve.deployment(name=ATTENTION_DEPLOYMENT)
+    class AttentionShardDeployment:
+        """One Serve replica = one attention shard. Serve autoscales the replicas (min..max) on their ongoing
+        requests; on scale-in Serve stops routing to the replica, waits for its requests up to the graceful
+        shutdown timeout, then ``__del__`` hands what is left back to the callers and leaves the group."""
+
+        def __init__(self, config: dict, coordinator_name: str, options: dict):
+            self.server = AttentionServer(config, coordinator_name, **options)
+
+        async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
+                           output_token_ids: list[int] | None = None, num_output_chars: int = 0):
+            async for out in self.server.generate(request_id, prompt_token_ids, params, output_token_ids,
+                                                  num_output_chars):
+                yield out
+
+        async def stats(self) -> dict:
+            return self.server.stats()
+
+        def check_health(self) -> None:
+            self.server.check_health()
+
+        def __del__(self):
+            server = getattr(self, "server", None)
+            if server is not None and not server._closed:
+                server.leave(grace_s=0.0)
+
+    return AttentionShardDeployment
+
+
+AttentionShardDeployment = _deployment()

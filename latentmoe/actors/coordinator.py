@@ -1,0 +1,382 @@
+"""The coordinator: one detached, named, restartable actor per cluster; the small control plane.
+
+It makes the expert shards (detached, named by slot), keeps the membership of the collective group
+and its epochs (``latentmoe.cluster.membership``), hands every member each new group (expert shards by a
+call, attention shards through their long-poll ``watch``), handles faults (probe, replace an expert
+shard, drop a dead attention shard, re-form), and keeps the expert-load window that the dashboard shows.
+It holds no stream and sits on no token's path: the shards step on their own, and requests go from the
+ingress to an attention shard through Serve. If it dies, Ray restarts it (``max_restarts=-1``); it finds
+its expert shards by name and the group from them, and the attention shards register again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+import ray
+
+from latentmoe.actors.expert_shard import ExpertShardActor, expert_actor_name
+from latentmoe.actors.metrics import ClusterMetrics
+from latentmoe.actors.names import ROUTER_NAMESPACE
+from latentmoe.actors.placement import EXPERT_RESOURCE
+from latentmoe.cluster.communicator import backend_for
+from latentmoe.cluster.dispatch import DispatchStats
+from latentmoe.cluster.membership import ATTENTION, EXPERT, Member, Membership
+from latentmoe.cluster.placement import ExpertPlacement
+from latentmoe.cluster.telemetry import ExpertLoadWindow
+from latentmoe.engine.engine_config import EngineConfig
+from latentmoe.model.config import ModelConfig
+
+logger = logging.getLogger(__name__)
+
+
+class Coordinator:
+    def __init__(self, config: dict, num_expert: int, name: str, *, start_timeout_s: float = 300.0,
+                 step_timeout_s: float = 120.0, recovery_timeout_s: float | None = None, fault_grace_s: float = 3.0,
+                 place_by_role: bool = True):
+        self.config_dict, self.name, self.num_expert = config, name, num_expert
+        self.engine_config = EngineConfig.from_dict(config)
+        self.model_config = ModelConfig.from_json(self.engine_config.model)
+        if self.model_config.n_routed_experts is None:
+            raise ValueError("a dense model has no routed experts to put on expert shards")
+        self.placement = ExpertPlacement.build(self.model_config, num_expert)
+        self.start_timeout_s, self.step_timeout_s = start_timeout_s, step_timeout_s
+        self.recovery_timeout_s = start_timeout_s if recovery_timeout_s is None else recovery_timeout_s
+        self.collective_timeout_s = step_timeout_s / 2
+        self.fault_grace_s, self.place_by_role = fault_grace_s, place_by_role
+        self.gpu = self.engine_config.device.startswith("cuda")
+        self.backend = backend_for(self.engine_config.device)
+        self.membership = Membership(num_expert)
+        self.handles: dict[str, object] = {}  # member id -> its actor (attention: the replica's own actor)
+        self.attention_info: dict[str, dict] = {}  # member id -> what it registered with (max_model_len, ...)
+        self.load_index: dict[str, int] = {}  # attention member id -> its row in the load window
+        self.incarnations = [0] * num_expert
+        self.joined: dict[int, set[str]] = {}
+        self._changed = asyncio.Condition()  # notified on every new group (and on a fatal error)
+        self._reforming: asyncio.Task | None = None
+        self._recovering: set[int] = set()  # epochs whose fault is being handled
+        self._started: asyncio.Future | None = None
+        self.error: str | None = None
+        self.faults: list[dict] = []
+        self.num_recoveries = self.num_scale_outs = self.num_scale_ins = 0
+        self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        c = self.model_config
+        self.load = ExpertLoadWindow(c.n_routed_experts, num_expert, c.num_experts_per_tok)
+        self.metrics = ClusterMetrics()
+        self.totals = DispatchStats(c.n_routed_experts, num_expert, c.num_experts_per_tok)
+
+    # ---- start-up, and rebuilding after a restart -----------------------------------------------------------
+
+    async def start(self) -> dict:
+        """Bring up the expert shards and form the first group (idempotent); returns ``info()``."""
+        if self._started is None:
+            self._started = asyncio.get_running_loop().create_task(self._start())
+        await asyncio.shield(self._started)
+        return self.info()
+
+    async def _start(self) -> None:
+        if self.restarted and await self._adopt():
+            logger.warning("latentmoe coordinator restarted: took over epoch %d", self.membership.epoch)
+            return
+        infos = await asyncio.gather(*(self._new_expert(slot) for slot in range(self.num_expert)))
+        for info in infos:
+            self.membership.join(info["member"])
+        await self._reform()
+
+    async def _adopt(self) -> bool:
+        """After a restart: the expert shards by name, the group from the first one that answers."""
+        for slot in range(self.num_expert):
+            try:
+                self.handles[f"slot-{slot}"] = ray.get_actor(expert_actor_name(self.name, slot),
+                                                             namespace=ROUTER_NAMESPACE)
+            except ValueError:
+                return False
+        states = await asyncio.gather(*(asyncio.wait_for(self.handles[f"slot-{s}"].state.remote(), 10)
+                                        for s in range(self.num_expert)), return_exceptions=True)
+        groups = [s["group"] for s in states if isinstance(s, dict) and s["group"] is not None]
+        if not groups:
+            return False
+        group = max(groups, key=lambda g: g.epoch)
+        self.membership.adopt(group)
+        for m in group.members:
+            if m.kind == EXPERT:
+                self.handles[m.id] = self.handles[f"slot-{m.slot}"]
+                self.incarnations[m.slot] = int(m.id.rsplit(".", 1)[1])
+        for slot in range(self.num_expert):
+            del self.handles[f"slot-{slot}"]
+        return True
+
+    async def _new_expert(self, slot: int) -> dict:
+        """Start the expert shard of ``slot`` (a replacement takes the name once the dead one has let it go)."""
+        name = expert_actor_name(self.name, slot)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                ray.get_actor(name, namespace=ROUTER_NAMESPACE)
+            except ValueError:
+                break
+            await asyncio.sleep(0.2)
+        self.incarnations[slot] += 1
+        resources = {EXPERT_RESOURCE: 1.0} if self.place_by_role else {}
+        handle = ExpertShardActor.options(
+            name=name, namespace=ROUTER_NAMESPACE, lifetime="detached", max_restarts=0, num_cpus=1,
+            num_gpus=1 if self.gpu else 0, resources=resources, scheduling_strategy="SPREAD",
+            enable_task_events=False).remote(self.config_dict, self.placement, slot, self._self(),
+                                             self.incarnations[slot], self.collective_timeout_s)
+        try:
+            info = await asyncio.wait_for(handle.info.remote(), self.recovery_timeout_s if self._started.done()
+                                          else self.start_timeout_s)
+        except BaseException:
+            ray.kill(handle)
+            raise
+        self.handles[info["member"].id] = handle
+        return info
+
+    def _self(self):
+        return ray.get_runtime_context().current_actor
+
+    # ---- membership: attention shards come and go -------------------------------------------------------------
+
+    async def register(self, member: Member, info: dict, handle, group=None) -> dict:
+        """An attention shard is up (or, after a coordinator restart, still up): it joins at the next epoch."""
+        await self.start()
+        assert member.kind == ATTENTION, member
+        self.handles[member.id] = handle
+        self.attention_info[member.id] = info
+        self.load_index.setdefault(member.id, len(self.load_index))
+        if group is not None and self.membership.group is not None and group.epoch == self.membership.epoch:
+            return self.info()  # already a member of the group in force (a re-registration)
+        self.membership.join(member)
+        if self.membership.group is not None and any(m.kind == ATTENTION for m in self.membership.group.members):
+            self.num_scale_outs += 1
+            self.metrics.scale_outs.inc()
+        self._schedule_reform()
+        return self.info()
+
+    async def leave(self, member_id: str) -> None:
+        """A draining attention shard goes: re-form without it (it switches out at the next boundary)."""
+        if member_id in self.membership.attention:
+            self.membership.leave(member_id)
+            self.num_scale_ins += 1
+            self.metrics.scale_ins.inc()
+            self._schedule_reform()
+        self.attention_info.pop(member_id, None)
+
+    async def watch(self, member_id: str, known_epoch: int, timeout_s: float = 20.0) -> dict:
+        """Long-poll of an attention shard: returns the group when there is one newer than ``known_epoch``
+        (or at once on a fatal error); else ``{"group": None}`` after ``timeout_s``."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(
+                    lambda: self.error is not None or (self.membership.group is not None
+                                                       and self.membership.group.epoch > known_epoch)), timeout_s)
+            except asyncio.TimeoutError:
+                return {"group": None, "error": self.error}
+        return {"group": self.membership.group, "error": self.error}
+
+    async def joined(self, member_id: str, epoch: int) -> None:
+        self.joined.setdefault(epoch, set()).add(member_id)
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _schedule_reform(self) -> None:
+        if self._reforming is None or self._reforming.done():
+            self._reforming = asyncio.get_running_loop().create_task(self._reform())
+
+    async def _reform(self) -> None:
+        """Form new groups until the membership is what it should be (joins, leaves and faults meanwhile)."""
+        for _ in range(10):
+            m = self.membership
+            if self.error is not None or not m.complete() or not (m.needs_new_group() or self._broken()):
+                return
+            members = m.next_members()
+            try:
+                rendezvous = await asyncio.wait_for(self.handles[members[0].id].rendezvous.remote(self.backend), 30)
+            except Exception as e:  # noqa: BLE001: rank 0 is gone: a fault
+                await self._lost([members[0].id], f"expert shard {members[0].slot} did not answer: {e!r}")
+                continue
+            group = m.new_group(self.backend, rendezvous)
+            self._set_gauges()
+            for member in group.members:
+                if member.kind == EXPERT:
+                    self.handles[member.id].assign.remote(group)
+            previous_attention = [i for i in self.handles if i.startswith("attention") and i not in group.attention_ids]
+            async with self._changed:
+                self._changed.notify_all()  # attention shards' watches return the new group
+            for member_id in previous_attention:  # left: they heard it through their watch
+                self.handles.pop(member_id, None)
+            missing = await self._wait_joined(group)
+            if not missing:
+                logger.info("latentmoe coordinator: epoch %d formed: %d members", group.epoch, group.world_size)
+                continue
+            await self._probe_and_drop(group, f"did not join epoch {group.epoch}: {sorted(missing)}")
+        logger.error("latentmoe coordinator: membership did not settle after 10 groups")
+
+    async def _wait_joined(self, group) -> set[str]:
+        ids = {m.id for m in group.members}
+        deadline = time.monotonic() + self.collective_timeout_s + 30
+        async with self._changed:
+            while not ids <= self.joined.get(group.epoch, set()):
+                left = deadline - time.monotonic()
+                if left <= 0 or self.membership.epoch != group.epoch:
+                    break
+                try:
+                    await asyncio.wait_for(self._changed.wait(), left)
+                except asyncio.TimeoutError:
+                    break
+        return ids - self.joined.get(group.epoch, set())
+
+    def _broken(self) -> bool:
+        return self.membership.epoch in self._recovering
+
+    # ---- faults ---------------------------------------------------------------------------------------------
+
+    async def fault(self, member_id: str, epoch: int, error: str) -> None:
+        """A member's collective failed in ``epoch``: find who is gone, replace or drop them, re-form."""
+        if epoch != self.membership.epoch or epoch in self._recovering:
+            return
+        self._recovering.add(epoch)
+        started = time.monotonic()
+        await asyncio.sleep(self.fault_grace_s)  # the others fail too; let the dust settle
+        group = self.membership.group
+        what = await self._probe_and_drop(group, error)
+        await self._reform()
+        self._recovering.discard(epoch)
+        if self.membership.epoch > epoch and self.error is None:
+            self.num_recoveries += 1
+            self.metrics.recoveries.inc()
+        self._record_fault(what or f"the step failed ({error})",
+                           "cluster down: " + self.error if self.error else "recovered", started)
+
+    async def _probe_and_drop(self, group, why: str) -> str:
+        """Ping every member of ``group``; drop the dead attention shards, replace the dead expert shards."""
+        async def probe(member):
+            handle = self.handles.get(member.id)
+            if handle is None:
+                return False
+            try:
+                if member.kind == EXPERT:
+                    await asyncio.wait_for(handle.ping.remote(), 5)
+                else:
+                    await asyncio.wait_for(handle.__ray_ready__.remote(), 5)
+                return True
+            except Exception:  # noqa: BLE001: dead, hung, or its loop stopped
+                return False
+
+        alive = await asyncio.gather(*(probe(m) for m in group.members))
+        lost = [m.id for m, ok in zip(group.members, alive) if not ok]
+        if lost:
+            await self._lost(lost, why)
+        return ", ".join(f"{i} {'hung or died'}" for i in lost)
+
+    async def _lost(self, member_ids: list[str], why: str) -> None:
+        logger.warning("latentmoe coordinator: lost %s (%s)", member_ids, why)
+        slots = []
+        for member_id in member_ids:
+            member = self.membership.drop(member_id)
+            handle = self.handles.pop(member_id, None)
+            kind = member.kind if member is not None else ATTENTION
+            self.metrics.shard_faults.inc(tags={"kind": kind})
+            if handle is not None:
+                ray.kill(handle)  # dead already, or hung: make sure it is gone (Serve replaces a replica)
+            if member is not None and member.kind == EXPERT:
+                slots.append(member.slot)
+            self.attention_info.pop(member_id, None)
+        results = await asyncio.gather(*(self._new_expert(s) for s in slots), return_exceptions=True)
+        for slot, info in zip(slots, results):
+            if isinstance(info, BaseException):
+                self._fatal(f"expert shard {slot} died and its replacement did not come up: {info!r}")
+                return
+            self.membership.join(info["member"])
+
+    def _fatal(self, message: str) -> None:
+        logger.error("latentmoe coordinator: %s", message)
+        self.error = message
+
+        async def notify():
+            async with self._changed:
+                self._changed.notify_all()
+
+        asyncio.get_running_loop().create_task(notify())
+
+    def _record_fault(self, what: str, outcome: str, started: float) -> None:
+        self.faults = (self.faults + [{"time": time.time(), "fault": what, "outcome": outcome,
+                                       "seconds": round(time.monotonic() - started, 3)}])[-20:]
+
+    # ---- telemetry --------------------------------------------------------------------------------------------
+
+    async def report_load(self, member_id: str, snapshot: dict, cache: dict) -> None:
+        """An attention shard's cumulative dispatch statistics and cache state, about once a second."""
+        index = self.load_index.setdefault(member_id, len(self.load_index))
+        if member_id in self.attention_info:
+            self.attention_info[member_id]["cache"] = cache
+        delta = self.load.update(index, snapshot)
+        if delta is None:
+            return
+        for s, n in enumerate(delta.tokens_per_shard):
+            if n:
+                self.metrics.shard_tokens.inc(n, tags={"shard": str(s)})
+        for devices, n in enumerate(delta.devices_histogram):
+            if n:
+                self.metrics.devices.inc(n, tags={"devices": str(devices)})
+        if delta.a2a_bytes:
+            self.metrics.a2a_bytes.inc(delta.a2a_bytes)
+        recent = self.load.summary(10.0)
+        for layer, value in recent["imbalance_per_layer"].items():
+            self.metrics.layer_imbalance.set(value, tags={"layer": layer})
+        self.metrics.shard_imbalance.set(recent["shard_imbalance"])
+
+    def _set_gauges(self) -> None:
+        group = self.membership.group
+        self.metrics.live_shards.set(len(group.attention_ids) if group else 0, tags={"kind": ATTENTION})
+        self.metrics.live_shards.set(len(self.membership.experts), tags={"kind": EXPERT})
+
+    async def expert_load(self, window_s: float = 60.0) -> dict:
+        """The (layer x expert) counts, per-shard load and devices per token over the last ``window_s`` seconds."""
+        if not isinstance(window_s, (int, float)) or not 0 < window_s <= self.load.horizon_s:
+            raise ValueError(f"window_s must be in (0, {self.load.horizon_s:g}], got {window_s!r}")
+        return self.load.summary(float(window_s)) | {
+            "max_devices_per_token": self.placement.max_devices_per_token,
+            "experts_per_shard": [self.placement.experts_on(s) for s in range(self.num_expert)]}
+
+    def info(self) -> dict:
+        group = self.membership.group
+        lens = [i["max_model_len"] for i in self.attention_info.values() if "max_model_len" in i]
+        return {"model": self.engine_config.model, "vocab_size": self.model_config.vocab_size,
+                "placement": self.placement, "num_expert": self.num_expert, "epoch": self.membership.epoch,
+                "attention_shards": len(group.attention_ids) if group else 0,
+                "expert_shards": len(self.membership.experts), "max_model_len": min(lens) if lens else None,
+                "experts_per_shard": [self.placement.experts_on(s) for s in range(self.num_expert)],
+                "max_devices_per_token": self.placement.max_devices_per_token, "error": self.error}
+
+    async def status(self) -> dict:
+        """Health and counters: live shards, epoch, faults, scale events (``/health`` shows it)."""
+        caches = [i.get("cache", {}) for i in self.attention_info.values()]
+        return self.info() | {
+            "num_recoveries": self.num_recoveries, "num_scale_outs": self.num_scale_outs,
+            "num_scale_ins": self.num_scale_ins, "faults": self.faults, "restarted": self.restarted,
+            "members": [m.id for m in self.membership.group.members] if self.membership.group else [],
+            "num_running": sum(c.get("num_running", 0) for c in caches),
+            "num_waiting": sum(c.get("num_waiting", 0) for c in caches),
+            "node_id": ray.get_runtime_context().get_node_id()}
+
+    async def shards(self) -> dict:
+        """The live shards' actor handles and where they run (for operators, and for fault tests)."""
+        group = self.membership.group
+        experts = [m for m in group.members if m.kind == EXPERT] if group else []
+        infos = await asyncio.gather(*(asyncio.wait_for(self.handles[m.id].info.remote(), 30) for m in experts))
+        return {"expert": [(self.handles[m.id], i) for m, i in zip(experts, infos)],
+                "attention": [(self.handles.get(i), self.attention_info.get(i, {}))
+                              for i in (group.attention_ids if group else [])]}
+
+    async def shutdown(self) -> None:
+        """Stop the expert shards (attention shards belong to Serve, or to the offline ``LLM``)."""
+        for member_id, handle in list(self.handles.items()):
+            if member_id.startswith("expert"):
+                ray.kill(handle)
+        self.handles.clear()
+
+
+CoordinatorActor = ray.remote(Coordinator)

@@ -1,0 +1,236 @@
+"""The ingress's engine client: a request goes to an attention shard and its outputs come back.
+
+``ShardClient`` validates a prompt (tokenized and checked here, so a bad one never reaches a shard),
+opens a stream to an attention shard (through a Serve handle, which routes by load, or to plain actors
+for the offline ``LLM``), and follows it. When the shard goes away mid-stream (it died, or drained and
+left), the request moves to another shard with the tokens its client already has, which are recomputed
+there; the client sees one unbroken stream. Per-request metrics (TTFT, inter-token, end-to-end, how
+requests ended) are counted here, where the client's view is. The coordinator answers health, cache and
+expert-load questions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from typing import AsyncIterator, Callable
+
+import ray
+
+from latentmoe.actors.attention_shard import OverloadedError, ShardGoneError
+from latentmoe.cluster.telemetry import RequestTimes
+from latentmoe.engine.engine import RequestOutput, tokenize_prompt
+from latentmoe.engine.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+class NoShardError(RuntimeError):
+    """No attention shard could take the request (none is up, or they kept failing): 503 / UNAVAILABLE."""
+
+
+class OutputTimeoutError(RuntimeError):
+    """No output came within the output timeout (a shard hangs, or a recovery outlasted it): 503."""
+
+
+def unwrap(e: BaseException) -> BaseException:
+    if isinstance(e, ray.exceptions.RayTaskError):
+        return e.as_instanceof_cause()
+    return e
+
+
+def _shard_gone(e: BaseException) -> bool:
+    return isinstance(e, (ShardGoneError, ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError))
+
+
+class ShardClient:
+    def __init__(self, open_stream: Callable[..., AsyncIterator[RequestOutput]], coordinator, tokenizer, info: dict,
+                 *, output_timeout_s: float = 300.0, recovery_timeout_s: float = 300.0, metrics=None):
+        """``open_stream(request_id, prompt_token_ids, params, output_token_ids, num_output_chars)``: an async
+        iterator of one request's outputs from some attention shard."""
+        self.open_stream, self.coordinator, self.tokenizer = open_stream, coordinator, tokenizer
+        self.vocab_size, self.max_model_len = info["vocab_size"], info["max_model_len"]
+        self.output_timeout_s, self.recovery_timeout_s = output_timeout_s, recovery_timeout_s
+        self.metrics = metrics
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.num_moves = 0
+        self.ids = itertools.count()
+
+    def _count(self, status: str) -> None:
+        if self.metrics is not None:
+            self.metrics.requests.inc(tags={"status": status})
+
+    def validate(self, prompt, params: SamplingParams | None) -> tuple[list[int], SamplingParams]:
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"sampling params must be a SamplingParams, got {type(params).__name__}")
+        ids = tokenize_prompt(self.tokenizer, self.vocab_size, self.max_model_len, prompt)
+        params.check_vocab(self.vocab_size)
+        return ids, params
+
+    async def generate(self, prompt, params: SamplingParams | None = None,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Stream a request's outputs; the last has ``finished``. Bad input raises ``ValueError`` before
+        anything is yielded; a caller that stops iterating aborts the request (its stream is cancelled)."""
+        try:
+            ids, params = self.validate(prompt, params)
+        except (ValueError, TypeError):
+            self._count("invalid")
+            raise
+        request_id = request_id or f"r-{next(self.ids)}"
+        times = RequestTimes(time.monotonic())
+        tokens: list[int] = []
+        chars, moves, status = 0, 0, "abort"
+        gone_since: float | None = None
+        try:
+            while True:
+                stream = self.open_stream(request_id, ids, params, tokens, chars)
+                try:
+                    while True:
+                        try:
+                            out = await asyncio.wait_for(stream.__anext__(), self.output_timeout_s)
+                        except StopAsyncIteration:
+                            raise ShardGoneError("the attention shard's stream ended early") from None
+                        except asyncio.TimeoutError:
+                            raise OutputTimeoutError(f"no output within {self.output_timeout_s:g} s") from None
+                        gone_since = None
+                        self._observe(times, out)
+                        if params.num_samples == 1:
+                            tokens, chars = list(out.token_ids), len(out.text)
+                        yield out
+                        if out.finished:
+                            status = out.finish_reason or "stop"
+                            return
+                except BaseException as raised:
+                    e = unwrap(raised)
+                    if not _shard_gone(e):
+                        status = ("overloaded" if isinstance(e, OverloadedError) or _backpressure(e) else
+                                  "invalid" if isinstance(e, (ValueError, TypeError)) else
+                                  "abort" if isinstance(e, (asyncio.CancelledError, GeneratorExit)) else "error")
+                        if e is raised:
+                            raise
+                        raise e from None
+                    gone_since = gone_since or time.monotonic()
+                    if params.num_samples > 1 and tokens:
+                        status = "error"
+                        raise NoShardError("the attention shard of this request (n > 1) failed") from None
+                    if time.monotonic() - gone_since > self.recovery_timeout_s:
+                        status = "error"
+                        raise NoShardError(f"no attention shard took the request within "
+                                           f"{self.recovery_timeout_s:g} s: {e}") from None
+                    moves += 1
+                    self.num_moves += 1
+                    if self.metrics is not None:
+                        self.metrics.moved.inc()
+                    logger.warning("request %s: its attention shard went away (%s); moving it (%d tokens kept)",
+                                   request_id, e, len(tokens))
+                    await asyncio.sleep(min(2.0, 0.1 * moves))
+                finally:
+                    await _close(stream)
+        finally:
+            self._count(status)
+            if self.metrics is not None:
+                self.metrics.e2e.observe(time.monotonic() - times.arrival)
+
+    def _observe(self, times: RequestTimes, out: RequestOutput) -> None:
+        if self.metrics is None:
+            return
+        ttft, itl = times.on_output(time.monotonic(), len(out.delta_token_ids))
+        if ttft is not None:
+            self.metrics.ttft.observe(ttft)
+        if itl is not None:
+            self.metrics.itl.observe(itl)
+        if out.delta_token_ids:
+            self.metrics.generation_tokens.inc(len(out.delta_token_ids))
+        if out.finished:
+            self.metrics.prompt_tokens.inc(len(out.prompt_token_ids))
+
+    async def generate_all(self, prompts: list, params: list[SamplingParams | None]) -> list[RequestOutput]:
+        """Run every prompt to completion; outputs in the order of the prompts. Nothing runs if one is bad."""
+        if len(prompts) != len(params):
+            raise ValueError(f"{len(params)} sampling params for {len(prompts)} prompts")
+        for p, sp in zip(prompts, params):
+            self.validate(p, sp)
+
+        async def run(prompt, sp):
+            final = None
+            async for out in self.generate(prompt, sp):
+                final = out
+            return final
+
+        return list(await asyncio.gather(*(run(p, sp) for p, sp in zip(prompts, params))))
+
+    # ---- the coordinator's side ----------------------------------------------------------------------------
+
+    async def status(self) -> dict:
+        return await asyncio.wait_for(self.coordinator.status.remote(), 10)
+
+    async def expert_load(self, window_s: float) -> dict:
+        return await asyncio.wait_for(self.coordinator.expert_load.remote(window_s), 30)
+
+    async def cache_stats(self) -> dict:
+        """Summed over the attention shards, from their last reports to the coordinator (about once a second)."""
+        status = await asyncio.wait_for(self.coordinator.shards.remote(), 30)
+        shards = [info.get("cache", {}) for _, info in status["attention"] if info.get("cache")]
+        first = shards[0] if shards else {}
+        return {"block_size": first.get("block_size"), "bytes_per_token": first.get("bytes_per_token"),
+                "num_blocks": sum(s["num_blocks"] for s in shards),
+                "num_free_blocks": sum(s["num_free_blocks"] for s in shards),
+                "num_running": sum(s.get("num_running", 0) for s in shards),
+                "num_waiting": sum(s.get("num_waiting", 0) for s in shards), "shards": shards}
+
+
+def _backpressure(e: BaseException) -> bool:
+    try:
+        from ray.serve.exceptions import BackPressureError
+    except ImportError:  # no Serve: the offline LLM
+        return False
+    return isinstance(e, BackPressureError)
+
+
+async def _close(stream) -> None:
+    try:
+        if hasattr(stream, "aclose"):
+            await stream.aclose()
+        elif hasattr(stream, "cancel"):
+            stream.cancel()
+    except Exception as e:  # noqa: BLE001: closing a broken stream
+        logger.debug("closing a stream: %r", e)
+
+
+def serve_opener(handle):
+    """Streams through a Serve handle to the attention deployment (Serve picks the replica by load)."""
+    stream_handle = handle.options(stream=True)
+
+    def open_stream(request_id, ids, params, tokens, chars):
+        return stream_handle.generate.remote(request_id, ids, params, list(tokens), chars)
+
+    return open_stream
+
+
+def actor_opener(actors: Callable[[], list]):
+    """Streams to plain attention actors (the offline ``LLM``): the next actor in turn."""
+    turn = itertools.count()
+
+    def open_stream(request_id, ids, params, tokens, chars):
+        live = actors()
+        if not live:
+            raise NoShardError("no attention shard is up")
+        actor = live[next(turn) % len(live)]
+        gen = actor.generate.options(num_returns="streaming").remote(request_id, ids, params, list(tokens), chars)
+        return _refs(gen)
+
+    return open_stream
+
+
+async def _refs(gen):
+    try:
+        async for ref in gen:
+            yield await ref
+    finally:
+        try:
+            ray.cancel(gen)
+        except Exception:  # noqa: BLE001
+            pass
