@@ -14,30 +14,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from collections import defaultdict
 from pathlib import Path
 
-import httpx2 as httpx
+from latentmoe.loadtest.local_server import LocalServer, rss_mib
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def marked(mark: str) -> list[int]:
-    pids = []
-    for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                if mark.encode() in Path(entry.path, "environ").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
 
 
 def kind_of(pid: int) -> str:
@@ -53,69 +38,28 @@ def kind_of(pid: int) -> str:
     return comm if comm.startswith("ray::") else ("worker " + comm)
 
 
-def rss_kib(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
 def measure(src: Path | None, extra: list[str]) -> dict:
     home = Path(tempfile.mkdtemp(prefix="lm-mem-home-"))
-    mark = f"LATENTMOE_MEM_MARK={uuid.uuid4().hex}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(HOME=str(home), RAY_TMPDIR=tempfile.mkdtemp(prefix="lmm", dir="/tmp"),
-               LATENTMOE_MEM_MARK=mark.split("=", 1)[1])
-    http = 18000 + os.getpid() % 1000
-    args = ["--http-port", str(http), "--grpc-port", str(http + 1000)]
+    env.update(HOME=str(home), RAY_TMPDIR=tempfile.mkdtemp(prefix="lmm", dir="/tmp"))
     if src is None:
-        cmd = [str(Path(sys.executable).parent / "latentmoe"), "serve", *args, "--ray-port", str(http + 2000), *extra]
+        server = LocalServer(env, *extra)
     else:  # an older checkout: its own package first on the path; its default GCS port
         env["PYTHONPATH"] = str(src)
-        cmd = [sys.executable, "-m", "latentmoe.cli", "serve", *args, *extra]
-    log = open(home / "serve.log", "w+")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{http}"
-    start = time.time()
+        server = LocalServer(env, *extra, command=(sys.executable, "-m", "latentmoe.cli"), own_ray_port=False)
     try:
-        while True:
-            if proc.poll() is not None or time.time() - start > 400:
-                log.seek(0)
-                raise RuntimeError(f"serve did not come up:\n{log.read()[-4000:]}")
-            try:
-                if httpx.get(url + "/health", timeout=3).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        ready_s = time.time() - start
-        model = httpx.get(url + "/v1/models", timeout=10).json()["data"][0]["id"]
-        r = httpx.post(url + "/v1/completions", timeout=60,
-                       json={"model": model, "prompt": "The experts of a mixture", "max_tokens": 16})
-        assert r.status_code == 200, r.text
+        ready_s = server.wait_ready(timeout=400, request_timeout=3)
+        server.complete(max_tokens=16)
         time.sleep(10)
         by_kind: dict[str, list[int]] = defaultdict(list)
-        for pid in marked(mark):
-            by_kind[kind_of(pid)].append(rss_kib(pid))
-        total = sum(sum(v) for v in by_kind.values())
+        for pid in server.pids():
+            by_kind[kind_of(pid)].append(pid)
+        by_kind_mib = {k: rss_mib(pids) for k, pids in sorted(by_kind.items())}
         return {"ready_s": round(ready_s, 1), "processes": sum(len(v) for v in by_kind.values()),
-                "rss_mib": round(total / 1024, 1),
-                "by_kind_mib": {k: round(sum(v) / 1024, 1) for k, v in sorted(by_kind.items())}}
+                "rss_mib": round(sum(by_kind_mib.values()), 1),
+                "by_kind_mib": {k: round(v, 1) for k, v in by_kind_mib.items()}}
     finally:
-        os.kill(proc.pid, signal.SIGINT)
-        try:
-            proc.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            pass
-        time.sleep(3)
-        for pid in marked(mark):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        server.stop()
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import pytest
 import yaml
 
 from latentmoe.cluster.communicator import free_port
+from latentmoe.loadtest.local_server import wait_ready
 from tests.actors.sandbox import PROMPT, Server, sandbox, serving
 
 GRAFANA = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
@@ -56,13 +57,7 @@ def prometheus(served, tmp_path_factory):
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(60):
-            try:
-                if httpx.get(url + "/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+        wait_ready(url + "/-/ready", timeout=30, interval=0.5, request_timeout=2)
         yield url
     finally:
         proc.terminate()
