@@ -8,7 +8,7 @@ separate raylet), runs the requests greedily through both engines, checks they g
 tokens, and prints generated tokens/s for both, plus the cluster's time per step split into:
 attention compute (attention shard time outside the collectives), expert compute (time in the
 experts on the slowest expert shard), all-to-all (attention time in the collectives, less the
-expert compute it waited for) and control (the router's round trip less the slowest shard).
+expert compute it waited for), from the step loops' own counters (no actor drives the steps).
 Saves everything as JSON.
 """
 
@@ -21,6 +21,19 @@ import platform
 import random
 import time
 from pathlib import Path
+
+
+def shard_timings(llm) -> dict:
+    """The step loops' own counters: the slowest attention shard and the slowest expert shard."""
+    import ray
+
+    attention = [ray.get(a.stats.remote(), timeout=60)["timings"] for a in llm.attention]
+    experts = [ray.get(h.state.remote(), timeout=60) for h, _ in
+               ray.get(llm.coordinator.shards.remote(), timeout=60)["expert"]]
+    slowest = max(attention, key=lambda t: t["step_s"])
+    expert = max(experts, key=lambda t: t["compute_s"])
+    return {"attention": {k: slowest[k] for k in ("step_s", "a2a_s", "num_steps")},
+            "expert": {k: expert[k] for k in ("step_s", "compute_s", "num_steps")}}
 
 
 def main() -> None:
@@ -70,21 +83,22 @@ def main() -> None:
     try:
         llm = LLM(model=model, attention_shards=args.attention_shards, expert_shards=args.expert_shards)
         llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))
-        before = ray.get(llm.router.counters.remote(), timeout=60)
+        before = shard_timings(llm)
         cluster_outs, result["cluster"] = timed(llm)
-        after = ray.get(llm.router.counters.remote(), timeout=60)
-        steps = after["num_steps"] - before["num_steps"]
-        delta = {k: after[k] - before[k] for k in ("step_wall_s", "shard_max_s", "attention_a2a_s",
-                                                   "attention_step_s", "expert_compute_s")}
+        after = shard_timings(llm)
+        steps = after["attention"]["num_steps"] - before["attention"]["num_steps"]
+        delta = {side: {k: after[side][k] - before[side][k] for k in after[side]} for side in after}
+        attention_s, a2a_s = delta["attention"]["step_s"], delta["attention"]["a2a_s"]
+        expert_s, compute_s = delta["expert"]["step_s"], delta["expert"]["compute_s"]
         per_step_ms = {
-            "total": 1e3 * delta["step_wall_s"] / steps,
-            "attention_compute": 1e3 * (delta["attention_step_s"] - delta["attention_a2a_s"]) / steps,
-            "expert_compute": 1e3 * delta["expert_compute_s"] / steps,
-            "all_to_all": 1e3 * (delta["attention_a2a_s"] - delta["expert_compute_s"]) / steps,
-            "control": 1e3 * (delta["step_wall_s"] - delta["shard_max_s"]) / steps,
+            "attention_step": 1e3 * attention_s / steps,  # one attention shard's step loop, the slowest
+            "attention_compute": 1e3 * (attention_s - a2a_s) / steps,
+            "expert_compute": 1e3 * compute_s / steps,
+            "all_to_all": 1e3 * (a2a_s - compute_s) / steps,  # time in collectives less the experts waited for
+            "expert_busy_fraction": compute_s / expert_s if expert_s else 0.0,
+            "attention_busy_fraction": (attention_s - a2a_s) / attention_s if attention_s else 0.0,
         }
-        result["cluster"] |= {"steps": steps, "ray_calls_per_step": (after["num_step_calls"] - before[
-            "num_step_calls"]) / steps, "per_step_ms": per_step_ms}
+        result["cluster"] |= {"steps": steps, "ray_calls_per_step": 0, "per_step_ms": per_step_ms}
         result["dispatch"] = llm.dispatch_stats()
         llm.shutdown()
     finally:

@@ -33,7 +33,7 @@ def local_server(model_dir: str, max_body_bytes: int):
     from ray.cluster_utils import Cluster
     from ray.serve.config import gRPCOptions
 
-    from latentmoe.actors.cluster import ROUTER_NAMESPACE
+    from latentmoe.actors.cluster import ROUTER_NAMESPACE, stop_coordinator
     from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
     from latentmoe.actors.serve_app import GRPC_SERVICERS, build_app
     from latentmoe.cluster.communicator import free_port
@@ -54,10 +54,7 @@ def local_server(model_dir: str, max_body_bytes: int):
         yield f"http://127.0.0.1:{http_port}", f"127.0.0.1:{grpc_port}", "tiny"
     finally:
         serve.shutdown()
-        try:
-            ray.kill(ray.get_actor("latentmoe-router", namespace=ROUTER_NAMESPACE))
-        except ValueError:
-            pass
+        stop_coordinator()
         ray.shutdown()
         cluster.shutdown()
 

@@ -85,11 +85,9 @@ def generate(
               expert_shards=expert_shards, ray_address=ray_address)
     try:
         if llm.router is not None:
-            info = llm.shard_info
-            for role in ("attention", "expert"):
-                for shard in info[role]:
-                    typer.echo(f"{role} shard {shard['index']}: node {shard['node_id'][:12]} pid {shard['pid']}",
-                               err=True)
+            for role, shards in llm.shards().items():
+                for i, shard in enumerate(shards):
+                    typer.echo(f"{role} shard {i}: node {shard['node_id'][:12]} pid {shard['pid']}", err=True)
         params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed)
         start = time.perf_counter()
         outs = llm.generate(list(prompt), params)
@@ -111,8 +109,11 @@ def generate(
 @app.command()
 def serve(
     model: Optional[Path] = typer.Option(None, help="Checkpoint directory (default: the built-in tiny model)."),
-    attention_shards: int = typer.Option(1, help="Attention shards (data-parallel, each with its latent cache)."),
+    attention_shards: str = typer.Option("1", help="Attention shards (data-parallel, each with its latent cache): "
+                                         "N, or MIN:MAX for Serve to autoscale them on load."),
     expert_shards: int = typer.Option(2, help="Expert shards (each a slice of the routed experts)."),
+    target_shard_requests: float = typer.Option(16, help="Autoscaling: ongoing requests per attention shard."),
+    downscale_delay_s: float = typer.Option(60, help="Autoscaling: how long load stays low before a shard goes."),
     http_port: int = typer.Option(8000, help="OpenAI-compatible HTTP API."),
     grpc_port: int = typer.Option(9000, help="gRPC latentmoe.v1.Generator and grpc.health.v1."),
     host: str = typer.Option("127.0.0.1", help="Where HTTP listens; 0.0.0.0 exposes it to the network."),
@@ -136,16 +137,21 @@ def serve(
     from ray import serve as ray_serve
     from ray.serve.config import gRPCOptions
 
-    from latentmoe.actors.cluster import ROUTER_NAMESPACE, ensure_ray
-    from latentmoe.actors.serve_app import GRPC_SERVICERS, build_app
+    from latentmoe.actors.cluster import ensure_ray, stop_coordinator
+    from latentmoe.actors.serve_app import GRPC_SERVICERS, ServeArgs, build_app
 
     echo = lambda m: typer.echo(m, err=True)  # noqa: E731
-    # the cluster given, or the one on this machine; with none, a local multi-node one that ends with the server
-    started_cluster = ensure_ray(ray_address, attention_shards, expert_shards, echo=echo, record=True,
-                                 port=ray_port, dashboard=ray_dashboard)
     args = {"model": str(model) if model else None, "attention_shards": attention_shards,
             "expert_shards": expert_shards, "engine": {"dtype": dtype, "device": device},
-            "max_replicas": max_replicas, "api_key": api_key or None}
+            "max_replicas": max_replicas, "api_key": api_key or None,
+            "target_shard_requests": target_shard_requests, "downscale_delay_s": downscale_delay_s}
+    try:
+        _, most_attention = ServeArgs.from_dict(args).attention_range
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    # the cluster given, or the one on this machine; with none, a local multi-node one that ends with the server
+    started_cluster = ensure_ray(ray_address, most_attention, expert_shards, echo=echo, record=True,
+                                 port=ray_port, dashboard=ray_dashboard)
     stop = threading.Event()
     try:
         ray_serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": http_port},
@@ -160,9 +166,7 @@ def serve(
     finally:
         try:
             ray_serve.shutdown()
-            router = ray.get_actor("latentmoe-router", namespace=ROUTER_NAMESPACE)
-            ray.get(router.shutdown.remote(), timeout=60)
-            ray.kill(router)
+            stop_coordinator()
         except Exception as e:  # noqa: BLE001 (best effort on the way out)
             typer.echo(f"shutdown: {e!r}", err=True)
         ray.shutdown()

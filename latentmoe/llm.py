@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 class LLM:
     def __init__(self, model: str | None = None, dtype: str = "float32", *, attention_shards: int | None = None,
                  expert_shards: int | None = None, ray_address: str | None = None, timeout_s: float = 300.0,
-                 **engine_args):
+                 step_timeout_s: float = 120.0, **engine_args):
         """``model``: a checkpoint directory (default: the built-in tiny model). ``engine_args``: ``EngineConfig`` fields.
 
         With ``attention_shards`` / ``expert_shards`` the engine runs disaggregated on the Ray cluster this
@@ -51,12 +51,14 @@ class LLM:
             atexit.register(self.shutdown)
         self.coordinator, self.attention = None, []
         try:
-            self._start_shards(dataclasses.asdict(config), attention_shards or 1, expert_shards or 1, timeout_s)
+            self._start_shards(dataclasses.asdict(config), attention_shards or 1, expert_shards or 1, timeout_s,
+                               step_timeout_s)
         except BaseException:
             self.shutdown()
             raise
 
-    def _start_shards(self, config: dict, num_attention: int, num_expert: int, timeout_s: float) -> None:
+    def _start_shards(self, config: dict, num_attention: int, num_expert: int, timeout_s: float,
+                      step_timeout_s: float) -> None:
         """The coordinator with its expert shards, then the attention shards (plain actors: no Serve here)."""
         import uuid
 
@@ -68,26 +70,59 @@ class LLM:
         from latentmoe.actors.placement import ATTENTION_RESOURCE
         from latentmoe.model.tokenizer import Tokenizer
 
-        step_timeout_s = 120.0
         name = f"latentmoe-llm-{uuid.uuid4().hex[:8]}"
         by_role = has_role_nodes()
         self.coordinator = start_coordinator(config, num_expert, name, timeout_s=timeout_s,
                                              step_timeout_s=step_timeout_s, place_by_role=by_role)
         resources = {ATTENTION_RESOURCE: 1.0} if by_role else {}
         gpu = config["device"].startswith("cuda")
-        self.attention = [AttentionShardActor.options(num_cpus=1, num_gpus=1 if gpu else 0, resources=resources,
-                                                      max_concurrency=10_000, enable_task_events=False).remote(
-            config, name, collective_timeout_s=step_timeout_s / 2, start_timeout_s=timeout_s, max_num_requests=1 << 20)
-            for _ in range(num_attention)]
-        ray.get([a.stats.remote() for a in self.attention], timeout=timeout_s + 30)
+
+        def new_shard():
+            return AttentionShardActor.options(num_cpus=1, num_gpus=1 if gpu else 0, resources=resources,
+                                               max_concurrency=10_000, enable_task_events=False).remote(
+                config, name, collective_timeout_s=step_timeout_s / 2, start_timeout_s=timeout_s,
+                max_num_requests=1 << 20)
+
+        self._new_shard = new_shard
+        self.attention = [new_shard() for _ in range(num_attention)]
+        try:
+            ray.get([a.stats.remote() for a in self.attention], timeout=timeout_s + 30)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"{num_attention} attention shards could not be placed within {timeout_s:g} s: "
+                               f"the cluster has {ray.available_resources()} available") from None
         info = self._wait_formed(num_attention, num_expert, timeout_s)
         try:
             tokenizer = Tokenizer.from_dir(self.model_dir)
         except FileNotFoundError:
             tokenizer = None
-        self.router = ShardClient(actor_opener(lambda: self.attention), self.coordinator, tokenizer, info,
+        self._turn = 0
+        self.router = ShardClient(actor_opener(self._pick), self.coordinator, tokenizer, info,
                                   output_timeout_s=step_timeout_s * 2 + timeout_s, recovery_timeout_s=timeout_s)
         self.shard_info = info
+
+    async def _pick(self, moved: bool):
+        """The next attention actor in turn; after a request's shard went away, dead actors are replaced first
+        (Serve does that for its replicas)."""
+        import asyncio
+
+        import ray
+
+        if moved:
+            async def alive(actor):
+                try:
+                    await asyncio.wait_for(actor.__ray_ready__.remote(), 5)
+                    return True
+                except Exception:  # noqa: BLE001
+                    return False
+
+            actors = list(self.attention)
+            live = await asyncio.gather(*(alive(a) for a in actors))
+            for i, (actor, ok) in enumerate(zip(actors, live)):
+                if not ok and self.attention[i] is actor:  # another request may have replaced it meanwhile
+                    ray.kill(actor)
+                    self.attention[i] = self._new_shard()
+        self._turn += 1
+        return self.attention[self._turn % len(self.attention)]
 
     def _wait_formed(self, num_attention: int, num_expert: int, timeout_s: float) -> dict:
         import time
@@ -144,6 +179,14 @@ class LLM:
             if st["dispatch"]:
                 total.merge(DispatchStats.from_dict(st["dispatch"], c.n_routed_experts, E, c.num_experts_per_tok))
         return total.as_dict() | {"max_devices_per_token": self.shard_info["max_devices_per_token"]}
+
+    def shards(self) -> dict:
+        """Where each shard runs: ``{"attention": [...], "expert": [...]}`` with node ids and pids."""
+        import ray
+
+        status = ray.get(self.coordinator.shards.remote(), timeout=self.timeout_s)
+        return {"attention": [info for _, info in status["attention"]],
+                "expert": [info for _, info in status["expert"]]}
 
     def _shard_stats(self) -> list[dict]:
         import ray

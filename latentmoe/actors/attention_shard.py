@@ -80,14 +80,14 @@ class AttentionServer:
     # ---- the control plane ----------------------------------------------------------------------------------
 
     def _register(self) -> None:
-        info = {"max_model_len": self.shard.engine.max_model_len, "pid": os.getpid(),
+        info = {"max_model_len": self.shard.engine.max_model_len, "pid": os.getpid(), "cache": self.shard.cache,
                 "node_id": self.member.node_id, "node_ip": ray.util.get_node_ip_address()}
         ray.get(self.coordinator.register.remote(self.member, info, ray.get_runtime_context().current_actor,
                                                  self.steps.group), timeout=self.start_timeout_s)
 
     def _watch(self) -> None:
         """Long-poll the coordinator for new groups; after it restarts, register again."""
-        known = 0
+        known, incarnation = 0, None
         while not self._closed and not self.steps.left.is_set():
             try:
                 reply = ray.get(self.coordinator.watch.remote(self.member_id, known), timeout=60)
@@ -99,6 +99,10 @@ class AttentionServer:
                 except Exception:  # noqa: BLE001
                     pass
                 continue
+            if incarnation is not None and reply["incarnation"] != incarnation:  # it restarted: say we are here
+                logger.warning("latentmoe %s: the coordinator restarted; registering again", self.member_id)
+                self._register()
+            incarnation = reply["incarnation"]
             if reply["error"] is not None:
                 self._fail_all(f"the cluster is down: {reply['error']}")
             group = reply["group"]

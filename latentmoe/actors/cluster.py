@@ -80,7 +80,8 @@ def start_coordinator(config: dict, num_expert: int, name: str, *, timeout_s: fl
     if place_by_role is None:
         place_by_role = has_role_nodes()
     options = dict(name=name, namespace=ROUTER_NAMESPACE, lifetime="detached", get_if_exists=True, num_cpus=0,
-                   max_restarts=-1, max_concurrency=1000, enable_task_events=False,
+                   # restarted when it dies; calls made meanwhile wait for the new one (retried), none fails
+                   max_restarts=-1, max_task_retries=-1, max_concurrency=1000, enable_task_events=False,
                    # hard: a soft affinity places a 0-CPU actor on any node (measured with Ray 2.60: 4 of 8 elsewhere)
                    scheduling_strategy=NodeAffinitySchedulingStrategy(_router_node(), soft=False))
     coordinator = CoordinatorActor.options(**options).remote(
@@ -103,3 +104,19 @@ def has_role_nodes() -> bool:
                    "(and %s), or run `latentmoe cluster start` on one machine.", ATTENTION_RESOURCE,
                    EXPERT_RESOURCE, ATTENTION_RESOURCE, EXPERT_RESOURCE)
     return False
+
+
+def stop_coordinator(name: str | None = None) -> bool:
+    """Stop the coordinator ``name`` (default: the Serve application's) and its expert shards, if it runs.
+    Attention shards belong to Serve (``serve.shutdown()``) or to an ``LLM``. Returns whether it was running."""
+    from latentmoe.actors.names import COORDINATOR_NAME
+
+    try:
+        coordinator = ray.get_actor(name or COORDINATOR_NAME, namespace=ROUTER_NAMESPACE)
+    except ValueError:
+        return False
+    try:
+        ray.get(coordinator.shutdown.remote(), timeout=60)
+    finally:
+        ray.kill(coordinator, no_restart=True)
+    return True

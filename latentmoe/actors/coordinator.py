@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 
 import ray
 
@@ -62,6 +63,7 @@ class Coordinator:
         self.faults: list[dict] = []
         self.num_recoveries = self.num_scale_outs = self.num_scale_ins = 0
         self.restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self.incarnation = uuid.uuid4().hex  # attention shards register again when it changes
         c = self.model_config
         self.load = ExpertLoadWindow(c.n_routed_experts, num_expert, c.num_experts_per_tok)
         self.metrics = ClusterMetrics()
@@ -83,7 +85,11 @@ class Coordinator:
         infos = await asyncio.gather(*(self._new_expert(slot) for slot in range(self.num_expert)))
         for info in infos:
             self.membership.join(info["member"])
-        await self._reform()
+        self._schedule_reform()
+        async with self._changed:  # up once the first group (the expert shards) is formed
+            await self._changed.wait_for(lambda: self.membership.group is not None or self.error is not None)
+        if self.error is not None:
+            raise RuntimeError(self.error)
 
     async def _adopt(self) -> bool:
         """After a restart: the expert shards by name, the group from the first one that answers."""
@@ -125,9 +131,14 @@ class Coordinator:
             num_gpus=1 if self.gpu else 0, resources=resources, scheduling_strategy="SPREAD",
             enable_task_events=False).remote(self.config_dict, self.placement, slot, self._self(),
                                              self.incarnations[slot], self.collective_timeout_s)
+        timeout_s = self.recovery_timeout_s if self._started.done() else self.start_timeout_s
         try:
-            info = await asyncio.wait_for(handle.info.remote(), self.recovery_timeout_s if self._started.done()
-                                          else self.start_timeout_s)
+            info = await asyncio.wait_for(handle.info.remote(), timeout_s)
+        except asyncio.TimeoutError:
+            ray.kill(handle)
+            raise RuntimeError(f"expert shard {slot} could not be placed within {timeout_s:g} s: it needs "
+                               f"{dict(CPU=1, **resources)}, the cluster has {ray.available_resources()} "
+                               "available") from None
         except BaseException:
             ray.kill(handle)
             raise
@@ -167,21 +178,24 @@ class Coordinator:
     async def watch(self, member_id: str, known_epoch: int, timeout_s: float = 20.0) -> dict:
         """Long-poll of an attention shard: returns the group when there is one newer than ``known_epoch``
         (or at once on a fatal error); else ``{"group": None}`` after ``timeout_s``."""
+        await self.start()
         async with self._changed:
             try:
                 await asyncio.wait_for(self._changed.wait_for(
                     lambda: self.error is not None or (self.membership.group is not None
                                                        and self.membership.group.epoch > known_epoch)), timeout_s)
             except asyncio.TimeoutError:
-                return {"group": None, "error": self.error}
-        return {"group": self.membership.group, "error": self.error}
+                return {"group": None, "error": self.error, "incarnation": self.incarnation}
+        return {"group": self.membership.group, "error": self.error, "incarnation": self.incarnation}
 
     async def joined(self, member_id: str, epoch: int) -> None:
+        await self.start()
         self.joined.setdefault(epoch, set()).add(member_id)
         async with self._changed:
             self._changed.notify_all()
 
     def _schedule_reform(self) -> None:
+        """One task forms groups at a time; it picks up every change made while it runs."""
         if self._reforming is None or self._reforming.done():
             self._reforming = asyncio.get_running_loop().create_task(self._reform())
 
@@ -235,6 +249,7 @@ class Coordinator:
 
     async def fault(self, member_id: str, epoch: int, error: str) -> None:
         """A member's collective failed in ``epoch``: find who is gone, replace or drop them, re-form."""
+        await self.start()
         if epoch != self.membership.epoch or epoch in self._recovering:
             return
         self._recovering.add(epoch)
@@ -242,7 +257,8 @@ class Coordinator:
         await asyncio.sleep(self.fault_grace_s)  # the others fail too; let the dust settle
         group = self.membership.group
         what = await self._probe_and_drop(group, error)
-        await self._reform()
+        self._schedule_reform()
+        await asyncio.shield(self._reforming)
         self._recovering.discard(epoch)
         if self.membership.epoch > epoch and self.error is None:
             self.num_recoveries += 1
@@ -309,6 +325,7 @@ class Coordinator:
 
     async def report_load(self, member_id: str, snapshot: dict, cache: dict) -> None:
         """An attention shard's cumulative dispatch statistics and cache state, about once a second."""
+        await self.start()
         index = self.load_index.setdefault(member_id, len(self.load_index))
         if member_id in self.attention_info:
             self.attention_info[member_id]["cache"] = cache
@@ -353,6 +370,7 @@ class Coordinator:
 
     async def status(self) -> dict:
         """Health and counters: live shards, epoch, faults, scale events (``/health`` shows it)."""
+        await self.start()
         caches = [i.get("cache", {}) for i in self.attention_info.values()]
         return self.info() | {
             "num_recoveries": self.num_recoveries, "num_scale_outs": self.num_scale_outs,
@@ -364,6 +382,7 @@ class Coordinator:
 
     async def shards(self) -> dict:
         """The live shards' actor handles and where they run (for operators, and for fault tests)."""
+        await self.start()
         group = self.membership.group
         experts = [m for m in group.members if m.kind == EXPERT] if group else []
         infos = await asyncio.gather(*(asyncio.wait_for(self.handles[m.id].info.remote(), 30) for m in experts))

@@ -48,14 +48,17 @@ def _shard_gone(e: BaseException) -> bool:
 class ShardClient:
     def __init__(self, open_stream: Callable[..., AsyncIterator[RequestOutput]], coordinator, tokenizer, info: dict,
                  *, output_timeout_s: float = 300.0, recovery_timeout_s: float = 300.0, metrics=None):
-        """``open_stream(request_id, prompt_token_ids, params, output_token_ids, num_output_chars)``: an async
-        iterator of one request's outputs from some attention shard."""
+        """``open_stream(request_id, prompt_token_ids, params, output_token_ids, num_output_chars, moved)``: an
+        async iterator of one request's outputs from some attention shard (``moved``: its last one went away)."""
         self.open_stream, self.coordinator, self.tokenizer = open_stream, coordinator, tokenizer
         self.vocab_size, self.max_model_len = info["vocab_size"], info["max_model_len"]
         self.output_timeout_s, self.recovery_timeout_s = output_timeout_s, recovery_timeout_s
         self.metrics = metrics
-        self.tasks: dict[str, asyncio.Task] = {}
         self.num_moves = 0
+        # the coordinator's last word on the group, polled in the background (never on a request's path): with
+        # no attention shard up, new requests get 503 at once instead of waiting in Serve's queue
+        self.last_status: tuple[float, dict] | None = None
+        self._poller: asyncio.Task | None = None
         self.ids = itertools.count()
 
     def _count(self, status: str) -> None:
@@ -79,6 +82,10 @@ class ShardClient:
         except (ValueError, TypeError):
             self._count("invalid")
             raise
+        self._start_polling()
+        if self._no_attention():
+            self._count("error")
+            raise NoShardError("no attention shard is up")
         request_id = request_id or f"r-{next(self.ids)}"
         times = RequestTimes(time.monotonic())
         tokens: list[int] = []
@@ -86,7 +93,7 @@ class ShardClient:
         gone_since: float | None = None
         try:
             while True:
-                stream = self.open_stream(request_id, ids, params, tokens, chars)
+                stream = self.open_stream(request_id, ids, params, tokens, chars, moves > 0)
                 try:
                     while True:
                         try:
@@ -94,6 +101,9 @@ class ShardClient:
                         except StopAsyncIteration:
                             raise ShardGoneError("the attention shard's stream ended early") from None
                         except asyncio.TimeoutError:
+                            if gone_since is not None:  # waiting for a shard to take it over
+                                raise NoShardError(f"no attention shard took the request within "
+                                                   f"{self.output_timeout_s:g} s") from None
                             raise OutputTimeoutError(f"no output within {self.output_timeout_s:g} s") from None
                         gone_since = None
                         self._observe(times, out)
@@ -133,6 +143,24 @@ class ShardClient:
             self._count(status)
             if self.metrics is not None:
                 self.metrics.e2e.observe(time.monotonic() - times.arrival)
+
+    def _start_polling(self) -> None:
+        if (self._poller is None or self._poller.done()) and self.coordinator is not None:
+            self._poller = asyncio.get_running_loop().create_task(self._poll())
+
+    async def _poll(self, period_s: float = 2.0) -> None:
+        while True:
+            try:
+                self.last_status = (time.monotonic(), await self.status())
+            except Exception:  # noqa: BLE001: the coordinator restarts or hangs; requests go on without it
+                pass
+            await asyncio.sleep(period_s)
+
+    def _no_attention(self, fresh_s: float = 10.0) -> bool:
+        if self.last_status is None:
+            return False
+        when, status = self.last_status
+        return time.monotonic() - when < fresh_s and not status["attention_shards"]
 
     def _observe(self, times: RequestTimes, out: RequestOutput) -> None:
         if self.metrics is None:
@@ -201,31 +229,28 @@ async def _close(stream) -> None:
 
 
 def serve_opener(handle):
-    """Streams through a Serve handle to the attention deployment (Serve picks the replica by load)."""
+    """Streams through a Serve handle to the attention deployment (Serve picks the replica by load, and stops
+    picking one that died or drains)."""
     stream_handle = handle.options(stream=True)
 
-    def open_stream(request_id, ids, params, tokens, chars):
+    def open_stream(request_id, ids, params, tokens, chars, moved=False):
         return stream_handle.generate.remote(request_id, ids, params, list(tokens), chars)
 
     return open_stream
 
 
-def actor_opener(actors: Callable[[], list]):
-    """Streams to plain attention actors (the offline ``LLM``): the next actor in turn."""
-    turn = itertools.count()
+def actor_opener(pick):
+    """Streams to plain attention actors (the offline ``LLM``): ``await pick(moved)`` chooses the actor."""
 
-    def open_stream(request_id, ids, params, tokens, chars):
-        live = actors()
-        if not live:
-            raise NoShardError("no attention shard is up")
-        actor = live[next(turn) % len(live)]
-        gen = actor.generate.options(num_returns="streaming").remote(request_id, ids, params, list(tokens), chars)
-        return _refs(gen)
+    def open_stream(request_id, ids, params, tokens, chars, moved=False):
+        return _actor_stream(pick, moved, request_id, ids, params, list(tokens), chars)
 
     return open_stream
 
 
-async def _refs(gen):
+async def _actor_stream(pick, moved, *args):
+    actor = await pick(moved)
+    gen = actor.generate.options(num_returns="streaming").remote(*args)
     try:
         async for ref in gen:
             yield await ref

@@ -60,7 +60,12 @@ class ServeArgs:
     target_shard_requests: float = 16
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 60.0
+    # requests waiting at the ingress for a free attention shard (Serve's queue); more get 503 at once
+    max_queued_shard_requests: int = 64
     drain_timeout_s: float = 30.0  # a leaving shard finishes its requests this long, then hands them over
+    # another application's attention shards to use (a second front door on the same engine, e.g. one with an
+    # API key): this application then starts none of its own
+    attention_app: str | None = None
     place_by_role: bool | None = None  # shards on attention_node / expert_node nodes; None: if the cluster has them
     max_body_bytes: int = 1 << 20  # HTTP bodies and gRPC request messages; larger ones get 413 / INVALID_ARGUMENT
     # Clients must send "Authorization: Bearer <key>" (HTTP /v1/*, and gRPC metadata for Generator) when a key
@@ -108,7 +113,7 @@ class ServeArgs:
         reject_unknown_keys(cls, d, "application argument")
         args = cls(**d)
         args.attention_range  # noqa: B018: validates
-        for name in ("expert_shards", "max_num_requests", "min_replicas", "max_replicas"):
+        for name in ("expert_shards", "max_num_requests", "min_replicas", "max_replicas", "max_queued_shard_requests"):
             value = getattr(args, name)
             if isinstance(value, str) and value.isdigit():  # `serve run ... attention_shards=2` passes strings
                 setattr(args, name, value := int(value))
@@ -188,6 +193,29 @@ def _set_grpc_error(grpc_context, e: BaseException) -> None:
     grpc_context.set_details(str(e).splitlines()[-1] if str(e) else type(e).__name__)
 
 
+# (defined before the deployment: Serve pickles the class when it is decorated, with the globals it sees then)
+def _wait_for_attention(coordinator, timeout_s: float) -> dict:
+    """The coordinator's info once an attention shard has registered (the context length comes from one)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        info = ray.get(coordinator.start.remote(), timeout=timeout_s + 30)
+        if info["max_model_len"] is not None or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if info["max_model_len"] is None:
+        raise RuntimeError(f"no attention shard came up within {timeout_s:g} s")
+    return info
+
+
+def _cluster_has_roles() -> bool:
+    from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
+
+    if not ray.is_initialized():
+        return True
+    have = ray.cluster_resources()
+    return bool(have.get(ATTENTION_RESOURCE) and have.get(EXPERT_RESOURCE))
+
+
 @serve.deployment(name=INGRESS_DEPLOYMENT)
 @serve.ingress(app)
 class LatentMoEServer:
@@ -216,6 +244,10 @@ class LatentMoEServer:
         if engine is None:
             from latentmoe.actors.metrics import ServingMetrics
 
+            if shards is None:
+                from latentmoe.actors.names import ATTENTION_DEPLOYMENT
+
+                shards = serve.get_deployment_handle(ATTENTION_DEPLOYMENT, self.args.attention_app)
             coordinator = start_coordinator(
                 dataclasses.asdict(config), self.args.expert_shards, self.args.coordinator_name,
                 timeout_s=self.args.start_timeout_s, step_timeout_s=self.args.step_timeout_s,
@@ -368,13 +400,13 @@ class LatentMoEServer:
         from latentmoe.engine.engine import tokenize_prompt
 
         try:
-            req.params.check_vocab(self.info["vocab_size"])
+            req.params.check_vocab(self.engine.vocab_size)
         except ValueError as e:
             raise oai.bad_request(str(e), "logit_bias") from None
         ids, texts = [], []
         for i, prompt in enumerate(req.prompts):
             try:
-                ids.append(tokenize_prompt(self.tokenizer, self.info["vocab_size"], self.max_model_len, prompt))
+                ids.append(tokenize_prompt(self.tokenizer, self.engine.vocab_size, self.max_model_len, prompt))
             except ValueError as e:
                 raise oai.bad_request(f"prompt[{i}]: {e}" if len(req.prompts) > 1 else str(e), "prompt") from None
             if req.echo:
@@ -509,9 +541,9 @@ class LatentMoEServer:
             tokens = body.get("tokens")
             if not oai._is_ids(tokens):
                 raise oai.bad_request("tokens must be a list of token ids", "tokens")
-            bad = [t for t in tokens if not 0 <= t < self.info["vocab_size"]]
+            bad = [t for t in tokens if not 0 <= t < self.engine.vocab_size]
             if bad:
-                raise oai.bad_request(f"token id(s) {bad[:5]} outside the vocabulary [0, {self.info['vocab_size']})",
+                raise oai.bad_request(f"token id(s) {bad[:5]} outside the vocabulary [0, {self.engine.vocab_size})",
                                       "tokens")
         except oai.ApiError as e:
             return _error(e)
@@ -618,19 +650,6 @@ class LatentMoEServer:
             await asyncio.sleep(5)
 
 
-def _wait_for_attention(coordinator, timeout_s: float) -> dict:
-    """The coordinator's info once an attention shard has registered (the context length comes from one)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        info = ray.get(coordinator.start.remote(), timeout=timeout_s + 30)
-        if info["max_model_len"] is not None or time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    if info["max_model_len"] is None:
-        raise RuntimeError(f"no attention shard came up within {timeout_s:g} s")
-    return info
-
-
 def attention_deployment(parsed: "ServeArgs", config: dict):
     """The attention shards' deployment, bound: autoscaled min..max on ongoing requests, on attention nodes."""
     low, high = parsed.attention_range
@@ -652,19 +671,10 @@ def attention_deployment(parsed: "ServeArgs", config: dict):
         autoscaling_config={"min_replicas": low, "max_replicas": high, "initial_replicas": low,
                             "target_ongoing_requests": parsed.target_shard_requests,
                             "upscale_delay_s": parsed.upscale_delay_s, "downscale_delay_s": parsed.downscale_delay_s},
-        max_ongoing_requests=parsed.max_num_requests, max_queued_requests=parsed.max_queued_requests,
+        max_ongoing_requests=parsed.max_num_requests, max_queued_requests=parsed.max_queued_shard_requests,
         graceful_shutdown_timeout_s=parsed.drain_timeout_s, graceful_shutdown_wait_loop_s=1.0,
         health_check_period_s=5.0, ray_actor_options=actor_options,
     ).bind(config, parsed.coordinator_name, options)
-
-
-def _cluster_has_roles() -> bool:
-    from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
-
-    if not ray.is_initialized():
-        return True
-    have = ray.cluster_resources()
-    return bool(have.get(ATTENTION_RESOURCE) and have.get(EXPERT_RESOURCE))
 
 
 def build_app(args: dict[str, Any] | None = None) -> serve.Application:
@@ -676,7 +686,7 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
 
         model = str(default_model_dir())
     config = dataclasses.asdict(EngineConfig.from_dict({"model": model, **parsed.engine}))
-    shards = attention_deployment(parsed, config)
+    shards = attention_deployment(parsed, config) if parsed.attention_app is None else None
     return LatentMoEServer.options(
         autoscaling_config={"min_replicas": parsed.min_replicas, "max_replicas": parsed.max_replicas,
                             "target_ongoing_requests": parsed.target_ongoing_requests},

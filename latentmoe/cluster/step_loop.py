@@ -2,8 +2,10 @@
 
 Each step starts with one small collective that carries every member's work count and the newest
 epoch it has been told of. When the counts sum to zero, every member parks on its doorbell; a member
-that gets work rings everyone's doorbell (a TCP connection to each: control only, and only on the
-idle -> busy edge), and all step again. When any member has been told of a newer epoch, every member
+that gets work rings everyone's doorbell (a TCP connection to each, carrying the epoch and the number of
+the round it is about to enter: control only, and only on the idle -> busy edge), and all step again. A
+parked member enters a round only with work of its own, a ring for exactly that round, or word of a new
+group, so no member ever waits alone in a collective (a late ring, for a round already run, is ignored). When any member has been told of a newer epoch, every member
 switches to that group at this boundary (the coordinator tells them all; each waits for its own
 word). A collective that fails (a peer died or hung) ends the group: the member reports the fault and
 waits for the next group. The member itself is a plain object with ``num_work()``, ``step()`` and
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import struct
 import threading
 import time
 from typing import Callable, Protocol
@@ -32,11 +35,17 @@ class Stepper(Protocol):
     def connect(self, comm: Communicator, group: Group) -> None: ...
 
 
+_RING = struct.Struct("!qq")  # (epoch, round)
+
+
 class Doorbell:
-    """A TCP listener: any connection to it sets ``event``. ``ring`` connects to others' doorbells."""
+    """A TCP listener: a connection carrying ``(epoch, round)`` raises ``wanted`` to it and sets ``event``.
+    ``ring`` connects to others' doorbells."""
 
     def __init__(self, host: str):
         self.event = threading.Event()
+        self.wanted = (0, 0)  # the latest (epoch, round) some peer asked this member to enter
+        self._wanted_lock = threading.Lock()
         self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self._sock.bind((host, 0))
@@ -51,14 +60,30 @@ class Doorbell:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
-            conn.close()
+            try:
+                conn.settimeout(2.0)
+                data = b""
+                while len(data) < _RING.size:
+                    chunk = conn.recv(_RING.size - len(data))
+                    if not chunk:
+                        break
+                    data += chunk
+            except OSError:
+                data = b""
+            finally:
+                conn.close()
+            if len(data) == _RING.size:
+                with self._wanted_lock:
+                    self.wanted = max(self.wanted, _RING.unpack(data))
             self.event.set()
 
     @staticmethod
-    def ring(addresses) -> None:
+    def ring(addresses, epoch: int, round_: int) -> None:
+        message = _RING.pack(epoch, round_)
         for host, port in addresses:
             try:
-                socket.create_connection((host, port), timeout=2.0).close()
+                with socket.create_connection((host, port), timeout=2.0) as conn:
+                    conn.sendall(message)
             except OSError:  # a dead peer: the collective that follows finds out and reports it
                 pass
 
@@ -84,6 +109,7 @@ class StepLoop:
         self._lock = threading.Lock()
         self._stopped = False
         self.parked = True
+        self.round = 0  # count collectives run in this epoch: the same on every member (lockstep)
         self.num_steps = 0
         self.num_idle_rounds = 0  # count collectives that found no work anywhere
         self.num_wakeups = 0  # times this member rang the others
@@ -97,6 +123,8 @@ class StepLoop:
     def assign(self, group: Group) -> None:
         """The coordinator's word: switch to ``group`` at the next boundary (leave, if it has no rank for us)."""
         with self._lock:
+            if group.epoch <= self.epoch:
+                return  # the group in force (told again after a coordinator restart), or an older one
             if self._pending is None or group.epoch > self._pending.epoch:
                 self._pending = group
         self.doorbell.event.set()
@@ -128,12 +156,17 @@ class StepLoop:
                     self._wait_for_group(self.epoch + 1)
                     continue
                 if self.parked:
-                    if not self.doorbell.event.wait(self.park_poll_s):
-                        continue
-                    if self.stepper.num_work() > 0 and self.group is not None:
+                    self.doorbell.event.wait(self.park_poll_s)
+                    self.doorbell.event.clear()  # what follows reads state that a later ring sets again
+                    has_work = self.stepper.num_work() > 0
+                    rung = self.doorbell.wanted >= (self.epoch, self.round)
+                    if not (has_work or rung or self._pending is not None):
+                        continue  # a wake-up with nothing to do (an abort of a finished request): stay parked
+                    if has_work and not rung:
                         self.num_wakeups += 1
-                        Doorbell.ring(self.group.peers_of(self.member_id))
-                self.doorbell.event.clear()
+                        Doorbell.ring(self.group.peers_of(self.member_id), self.epoch, self.round)
+                else:
+                    self.doorbell.event.clear()
                 self._one_round()
         except BaseException as e:  # noqa: BLE001: a bug must show in health checks, not vanish with the thread
             logger.exception("latentmoe step loop %s stopped", self.member_id)
@@ -147,6 +180,7 @@ class StepLoop:
         except Exception as e:  # noqa: BLE001: a peer died or hung
             self._fault(e)
             return
+        self.round += 1
         newest = max(r[1] for r in rows)
         if newest > self.epoch:  # someone was told of a new group: everyone switches now
             self._wait_for_group(newest)
@@ -185,9 +219,11 @@ class StepLoop:
         self._close()
         rank = group.rank_of(self.member_id)
         if rank is None:
-            self.group = group
-            self.left.set()
-            self._stopped = True
+            if self.group is not None and self.group.rank_of(self.member_id) is not None:
+                self.group = group  # we were a member and are not any more: we left
+                self.left.set()
+                self._stopped = True
+            # else: a group formed before ours (we are not in it yet): wait for the next one
             return
         start = time.monotonic()
         try:
@@ -199,8 +235,8 @@ class StepLoop:
             self.group = group
             self.on_fault(group.epoch, repr(e))
             return
-        self.comm, self.group = comm, group
-        self.parked = False  # one round at once: work may be waiting anywhere
+        self.comm, self.group, self.round = comm, group, 0
+        self.parked = False  # one round at once, on every member: work may be waiting anywhere
         logger.info("latentmoe %s: joined epoch %d as rank %d of %d in %.2f s", self.member_id, group.epoch, rank,
                     group.world_size, time.monotonic() - start)
         self.on_joined(group.epoch)

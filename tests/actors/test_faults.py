@@ -9,6 +9,7 @@ returns to idle.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import random
 import signal
@@ -18,8 +19,6 @@ import pytest
 import ray
 
 from latentmoe import LLM, SamplingParams
-from latentmoe.actors.cluster import start_router
-from latentmoe.engine.engine_config import EngineConfig
 from tests.actors.clusters import role_cluster
 
 TIMEOUT = 120
@@ -33,15 +32,11 @@ def cluster():
 
 
 @pytest.fixture(scope="module")
-def router(cluster, tiny_dir):
-    config = EngineConfig.from_dict({"model": str(tiny_dir), "block_size": 16, "num_blocks": 96})
-    import dataclasses
-
-    handle, _ = start_router(dataclasses.asdict(config), 2, 2, timeout_s=TIMEOUT, step_timeout_s=8.0,
-                             recovery_timeout_s=90.0)
-    yield handle
-    ray.get(handle.shutdown.remote(), timeout=60)
-    ray.kill(handle)
+def llm(cluster, tiny_dir):
+    engine = LLM(model=str(tiny_dir), attention_shards=2, expert_shards=2, block_size=16, num_blocks=96,
+                 timeout_s=TIMEOUT, step_timeout_s=8.0)
+    yield engine
+    engine.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -55,32 +50,33 @@ def expected(tiny_dir, prompts):
     return [o.token_ids for o in LLM(model=str(tiny_dir)).generate(prompts, PARAMS)]
 
 
-def start_streams(router, prompts):
-    """Start every request and wait until each has streamed its first tokens."""
-    gens = [router.generate.options(num_returns="streaming").remote(p, PARAMS) for p in prompts]
-    firsts = [ray.get(next(g), timeout=TIMEOUT) for g in gens]
-    assert not any(f.finished for f in firsts)
-    return gens, firsts
+def streams_with_fault(llm, prompts, fault) -> list[list[int]]:
+    """Start every request, wait until each has streamed its first tokens, inject ``fault``, then follow every
+    stream to its end: the tokens its deltas carry, checked against its final output."""
+
+    async def run():
+        streams = [llm.router.generate(p, PARAMS) for p in prompts]
+        firsts = [await asyncio.wait_for(s.__anext__(), TIMEOUT) for s in streams]
+        assert not any(f.finished for f in firsts)
+        await asyncio.to_thread(fault)
+
+        async def finish(stream, first):
+            tokens, last = list(first.delta_token_ids), first
+            async for last in stream:
+                tokens += last.delta_token_ids
+            assert last.finished and last.finish_reason == "length"
+            assert tokens == last.token_ids, "a token was repeated or lost in the stream"
+            return tokens
+
+        return await asyncio.wait_for(asyncio.gather(*(finish(s, f) for s, f in zip(streams, firsts))), 4 * TIMEOUT)
+
+    return asyncio.run(run())
 
 
-def finish_streams(gens, firsts) -> list[list[int]]:
-    """Every stream to its end: the tokens its deltas carry, checked against the final output."""
-    results = []
-    for gen, first in zip(gens, firsts):
-        tokens, last = list(first.delta_token_ids), first
-        for ref in gen:
-            last = ray.get(ref, timeout=TIMEOUT)
-            tokens += last.delta_token_ids
-        assert last.finished and last.finish_reason == "length"
-        assert tokens == last.token_ids, "a token was repeated or lost in the stream"
-        results.append(tokens)
-    return results
-
-
-def wait_idle(router, timeout=60):
+def wait_idle(llm, timeout=60):
     deadline = time.time() + timeout
     while True:
-        cache = ray.get(router.cache_stats.remote(), timeout=30)
+        cache = llm.cache_stats()
         if cache["num_free_blocks"] == cache["num_blocks"] and cache["num_running"] == cache["num_waiting"] == 0:
             return cache
         if time.time() > deadline:
@@ -88,52 +84,62 @@ def wait_idle(router, timeout=60):
         time.sleep(0.2)
 
 
-def shards(router, kind):
-    return ray.get(router.shards.remote(), timeout=30)[kind]
+def status(llm) -> dict:
+    return ray.get(llm.coordinator.status.remote(), timeout=30)
 
 
-def recoveries(router) -> int:
-    return ray.get(router.counters.remote(), timeout=30)["num_recoveries"]
+def shards(llm, kind):
+    return ray.get(llm.coordinator.shards.remote(), timeout=30)[kind]
 
 
-def run_with_fault(router, prompts, expected, fault):
-    before = recoveries(router)
-    gens, firsts = start_streams(router, prompts)
-    fault()
-    assert finish_streams(gens, firsts) == expected
-    wait_idle(router)
-    counters = ray.get(router.counters.remote(), timeout=30)
-    assert counters["num_recoveries"] == before + 1, counters["faults"]
-    assert counters["error"] is None
-    return counters
+def wait_members(llm, num_attention: int, timeout=TIMEOUT) -> dict:
+    deadline = time.time() + timeout
+    while True:
+        st = status(llm)
+        if st["attention_shards"] == num_attention and st["expert_shards"] == 2:
+            return st
+        if time.time() > deadline:
+            raise AssertionError(f"the group did not settle: {st}")
+        time.sleep(0.5)
 
 
-def test_no_fault_baseline(router, prompts, expected):
-    gens, firsts = start_streams(router, prompts)
-    assert finish_streams(gens, firsts) == expected
-    wait_idle(router)
-    assert recoveries(router) == 0
+def run_with_fault(llm, prompts, expected, fault):
+    before = status(llm)["num_recoveries"]
+    assert streams_with_fault(llm, prompts, fault) == expected
+    wait_idle(llm)
+    st = wait_members(llm, 2)
+    assert st["num_recoveries"] >= before + 1, st["faults"]
+    assert st["error"] is None
+    return st
 
 
-def test_expert_shard_killed_by_ray_kill(router, prompts, expected):
-    victim, info = shards(router, "expert")[1]
-    counters = run_with_fault(router, prompts, expected, lambda: ray.kill(victim))
-    assert "expert shard 1 died" in counters["faults"][-1]["fault"]
-    assert shards(router, "expert")[1][1]["pid"] != info["pid"]  # a replacement, with its weights reloaded
+def test_no_fault_baseline(llm, prompts, expected):
+    before = status(llm)["num_recoveries"]
+    assert streams_with_fault(llm, prompts, lambda: None) == expected
+    wait_idle(llm)
+    assert status(llm)["num_recoveries"] == before
 
 
-def test_expert_shard_killed_by_signal(router, prompts, expected):
-    _, info = shards(router, "expert")[0]
-    run_with_fault(router, prompts, expected, lambda: os.kill(info["pid"], signal.SIGKILL))
-    assert shards(router, "expert")[0][1]["pid"] != info["pid"]
+def test_expert_shard_killed_by_ray_kill(llm, prompts, expected):
+    victim, info = shards(llm, "expert")[1]
+    st = run_with_fault(llm, prompts, expected, lambda: ray.kill(victim))
+    assert info["member"].id in st["faults"][-1]["fault"], st["faults"]
+    assert shards(llm, "expert")[1][1]["pid"] != info["pid"]  # a replacement, with its weights reloaded
 
 
-def test_hung_expert_shard_is_replaced(router, prompts, expected):
-    """A shard that stops answering (SIGSTOP) is a stuck step: detected by the step timeout, then replaced."""
-    _, info = shards(router, "expert")[1]
+def test_expert_shard_killed_by_signal(llm, prompts, expected):
+    _, info = shards(llm, "expert")[0]
+    run_with_fault(llm, prompts, expected, lambda: os.kill(info["pid"], signal.SIGKILL))
+    assert shards(llm, "expert")[0][1]["pid"] != info["pid"]
+
+
+def test_hung_expert_shard_is_replaced(llm, prompts, expected):
+    """A shard that stops answering (SIGSTOP): the others' collectives time out, the coordinator's probe finds
+    it silent, and it is replaced."""
+    _, info = shards(llm, "expert")[1]
     try:
-        counters = run_with_fault(router, prompts, expected, lambda: os.kill(info["pid"], signal.SIGSTOP))
-        assert "expert shard 1 hung" in counters["faults"][-1]["fault"]
+        st = run_with_fault(llm, prompts, expected, lambda: os.kill(info["pid"], signal.SIGSTOP))
+        assert info["member"].id in st["faults"][-1]["fault"], st["faults"]
     finally:
         try:
             os.kill(info["pid"], signal.SIGKILL)
@@ -141,9 +147,24 @@ def test_hung_expert_shard_is_replaced(router, prompts, expected):
             pass
 
 
-def test_attention_shard_killed(router, prompts, expected):
+def test_attention_shard_killed(llm, prompts, expected):
     """Its requests move to the other attention shard (or its replacement) and their streams go on."""
-    victim, info = shards(router, "attention")[0]
-    counters = run_with_fault(router, prompts, expected, lambda: os.kill(info["pid"], signal.SIGKILL))
-    assert "attention shard 0 died" in counters["faults"][-1]["fault"]
-    assert counters["attention_shards_alive"] == 2  # replaced: its node still has room
+    _, info = shards(llm, "attention")[0]
+    run_with_fault(llm, prompts, expected, lambda: os.kill(info["pid"], signal.SIGKILL))
+    assert info["pid"] not in [i["pid"] for _, i in shards(llm, "attention")]
+
+
+def test_coordinator_killed(llm, prompts, expected):
+    """SIGKILL the coordinator with streams in flight: the streams finish with the same greedy tokens (the
+    coordinator is on no token's path), Ray restarts it, it takes over the running group, new requests run."""
+    before = status(llm)
+    pid = ray.get(llm.coordinator.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+
+    def kill():
+        os.kill(pid, signal.SIGKILL)
+
+    assert streams_with_fault(llm, prompts, kill) == expected
+    after = wait_members(llm, 2)
+    assert after["restarted"] and after["epoch"] == before["epoch"], (before, after)
+    assert [o.token_ids for o in llm.generate(prompts[:2], PARAMS)] == expected[:2]
+    wait_idle(llm)

@@ -28,7 +28,8 @@ from ray.cluster_utils import Cluster
 from ray.serve.config import gRPCOptions
 
 from latentmoe import LLM, SamplingParams
-from latentmoe.actors.cluster import ROUTER_NAMESPACE
+from latentmoe.actors.cluster import ROUTER_NAMESPACE, stop_coordinator
+from latentmoe.actors.names import ATTENTION_DEPLOYMENT, COORDINATOR_NAME
 from latentmoe.actors.local_cluster import GRPC_MAX_MESSAGE_BYTES, PROXY_ENV
 from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
 from latentmoe.actors.serve_app import GRPC_SERVICERS, build_app
@@ -40,12 +41,12 @@ from tests.prometheus import metric, scrape, settled_scrape
 
 ROOT = Path(__file__).resolve().parents[2]
 MAX_NUM_REQUESTS = 4
-OUTPUT_TIMEOUT_S = 20.0  # the ingress's longest wait for the router's next output
+OUTPUT_TIMEOUT_S = 20.0  # the ingress's longest wait for an attention shard's next output
 RECOVERY_TIMEOUT_S = 15.0  # how long a replacement shard may take to come up
 APP_ARGS = {"served_model_name": "tiny", "attention_shards": 1, "expert_shards": 2,
             # a small token budget: prompts longer than 64 tokens are prefilled in chunks
             "engine": {"block_size": 16, "num_blocks": 128, "max_num_batched_tokens": 64},
-            "max_num_requests": MAX_NUM_REQUESTS,
+            "max_num_requests": MAX_NUM_REQUESTS, "max_queued_shard_requests": 2,
             "max_ongoing_requests": 48, "max_queued_requests": 16, "min_replicas": 1, "max_replicas": 1,
             "max_body_bytes": 65536, "step_timeout_s": 20.0, "recovery_timeout_s": RECOVERY_TIMEOUT_S,
             "output_timeout_s": OUTPUT_TIMEOUT_S, "api_key": None, "api_key_env": None}
@@ -53,7 +54,7 @@ APP_ARGS = {"served_model_name": "tiny", "attention_shards": 1, "expert_shards":
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    metrics_ports = [free_port() for _ in range(3)]  # the router runs wherever its replica runs: scrape every node
+    metrics_ports = [free_port() for _ in range(3)]  # shards and the coordinator on several nodes: scrape every one
     saved_env = {k: os.environ.get(k) for k in PROXY_ENV}
     os.environ.update(PROXY_ENV)  # the head's processes (Serve's gRPC proxy) inherit it, as with `latentmoe serve`
     c = Cluster(initialize_head=True, head_node_args={
@@ -77,10 +78,7 @@ def server(tiny_dir):
         for k, v in saved_env.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
         serve.shutdown()
-        try:
-            ray.kill(ray.get_actor("latentmoe-router", namespace=ROUTER_NAMESPACE))
-        except ValueError:
-            pass
+        stop_coordinator()
         ray.shutdown()
         c.shutdown()
 
@@ -640,7 +638,7 @@ def test_disconnect_mid_stream_frees_blocks(server):
 
 def test_proxy_side_abort_stays_light(server):
     """What Serve's gRPC proxy does for a stream it dropped (``grpc_ingress._abort``), in a process of its own:
-    the request is aborted through the ingress, and neither torch nor the router's module gets imported."""
+    the request is aborted through the ingress, and neither torch nor the coordinator's module gets imported."""
     import subprocess
     import sys
 
@@ -652,7 +650,7 @@ def test_proxy_side_abort_stays_light(server):
     code = (f"import ray, sys; ray.init(address={server['cluster'].address!r}, log_to_driver=False)\n"
             "from latentmoe.actors import grpc_ingress\n"
             "grpc_ingress._abort('dropped-1', None)\n"
-            "print(sorted(m for m in ('torch', 'latentmoe.actors.router', 'latentmoe.engine.engine') "
+            "print(sorted(m for m in ('torch', 'latentmoe.actors.coordinator', 'latentmoe.engine.engine') "
             "if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert done.returncode == 0 and done.stdout.strip().splitlines()[-1] == "[]", (done.stdout, done.stderr[-3000:])
@@ -687,6 +685,16 @@ def test_serve_config_file_is_valid():
         build_app({"attention_shard": 1})
 
 
+def shard_stats() -> list[dict]:
+    """Each attention replica's own statistics, through Serve (one replica in this module: it answers)."""
+    handle = serve.get_deployment_handle(ATTENTION_DEPLOYMENT, "latentmoe")
+    return [handle.stats.remote().result(timeout_s=30)]
+
+
+def coordinator_status() -> dict:
+    return ray.get(ray.get_actor(COORDINATOR_NAME, namespace=ROUTER_NAMESPACE).status.remote(), timeout=30)
+
+
 def test_metrics_and_expert_load(server, client):
     before = settled_scrape(server["metrics"])  # Ray exports with a lag: start from counters that stopped moving
     assert httpx.post(server["http"] + "/v1/completions", json={"model": "tiny", "prompt": []},
@@ -695,7 +703,7 @@ def test_metrics_and_expert_load(server, client):
     for i in range(n):
         client.completions.create(model="tiny", prompt=[5 + i, 6, 7, 8], max_tokens=max_tokens, temperature=0,
                                   extra_body={"ignore_eos": True})
-    time.sleep(1.5)  # the router takes routing statistics about once a second
+    time.sleep(1.5)  # attention shards report routing statistics to the coordinator about once a second
 
     load = httpx.get(server["http"] + "/v1/expert-load", params={"window_s": 30}, timeout=30).json()
     assert load["layers"] == [1, 2] and load["num_experts"] == 16 and load["num_shards"] == 2
@@ -728,8 +736,7 @@ def test_metrics_and_expert_load(server, client):
     assert metric(after, "ray_latentmoe_e2e_request_latency_seconds_count") >= n
     assert metric(after, "ray_latentmoe_inter_token_latency_seconds_count") > 0
     # the expert-load counters agree with the engine's own cumulative dispatch statistics
-    router = ray.get_actor("latentmoe-router", namespace=ROUTER_NAMESPACE)
-    stats = ray.get(router.dispatch_stats.remote(), timeout=30)
+    stats = shard_stats()[0]["dispatch"]  # one attention shard here
     for s, n in enumerate(stats["tokens_per_shard"]):
         assert metric(after, "ray_latentmoe_expert_shard_tokens_total", shard=str(s)) == n > 0
     for d, n in enumerate(stats["devices_histogram"]):
@@ -772,7 +779,7 @@ def test_dashboard_renders_in_a_browser(server, client, tmp_path):
             page.on("response", lambda r: r.status >= 400 and r.url != favicon and errors.append(
                 f"HTTP {r.status}: {r.url}"))
             assert page.goto(server["http"] + "/dashboard", timeout=30_000).status == 200
-            # the page refreshes every 2 s and the router takes its statistics about once a second
+            # the page refreshes every 2 s and the shards report their statistics about once a second
             page.wait_for_function("""() => /^[1-9][0-9]* token-layer dispatches/.test(
                 document.getElementById("summary").textContent)""", timeout=30_000)
             summary = page.inner_text("#summary")
@@ -810,10 +817,11 @@ def test_dashboard_renders_in_a_browser(server, client, tmp_path):
 
 
 def test_api_key_on_http_and_grpc(server, reference):
-    """A second application on the same router, with a key: /v1/* and gRPC Generator need it, /health does not."""
+    """A second application on the same attention shards, with a key: /v1/* and gRPC Generator need it, /health
+    does not."""
     key = "s3cret-key"
-    serve.run(build_app({"model": str(server["tiny_dir"]), **APP_ARGS, "api_key": key}), name="secured",
-              route_prefix="/secured")
+    serve.run(build_app({"model": str(server["tiny_dir"]), **APP_ARGS, "api_key": key, "attention_app": "latentmoe"}),
+              name="secured", route_prefix="/secured")
     try:
         base = server["http"] + "/secured"
         body = {"model": "tiny", "prompt": "hi", "max_tokens": 3, "temperature": 0}
@@ -993,8 +1001,7 @@ def test_server_is_healthy_after_the_fuzzing(server, client, reference):
     assert httpx.get(server["http"] + "/health", timeout=30).json()["status"] == "ok"
     out = client.completions.create(model="tiny", prompt="The experts of a mixture", max_tokens=12, temperature=0)
     assert out.choices[0].text == reference.generate("The experts of a mixture", greedy())[0].text
-    router = ray.get_actor("latentmoe-router", namespace=ROUTER_NAMESPACE)
-    assert ray.get(router.counters.remote(), timeout=30)["error"] is None
+    assert coordinator_status()["error"] is None
 
 
 # ---- a soak: mixed load with disconnects and bad requests ---------------------------------------------------------
@@ -1017,7 +1024,7 @@ def test_soak(server, reference):
     assert all(sum(counts.get(kind, {}).values()) > 0 for kind in ("good", "disconnect", "bad")), counts
 
 
-# ---- faults at the front: a hung router, a dead ingress replica, no attention shard left ----------------------
+# ---- faults at the front: a hung coordinator, a dead ingress replica, no attention shard left ----------------------
 # These run last: the last one takes the attention node away.
 
 
@@ -1053,30 +1060,28 @@ def _stream_http(server, prompt, max_tokens, started):
         return e
 
 
-def test_a_hung_router_gives_503_not_a_hang(server, client, reference):
-    """The router stops (SIGSTOP): a request gets 503 once the output timeout passes, health says 503, and when
-    the router goes on the request is aborted (no blocks held) and the next one is served."""
-    (router,) = _processes(server, "Router")
-    os.kill(router.pid, signal.SIGSTOP)
+def test_a_hung_coordinator_does_not_stop_requests(server, client, reference):
+    """The coordinator stops (SIGSTOP): it is on no request's path, so requests are served as before; /health,
+    which asks it, says 503 (timeout), and says ok again when it goes on."""
+    (coordinator,) = _processes(server, "Coordinator")
+    os.kill(coordinator.pid, signal.SIGSTOP)
     try:
-        start = time.monotonic()
-        r = httpx.post(server["http"] + "/v1/completions", timeout=120,
-                       json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 5, "temperature": 0})
-        waited = time.monotonic() - start
-        assert r.status_code == 503 and r.json()["error"]["code"] == "timeout", r.text
-        assert OUTPUT_TIMEOUT_S - 1 <= waited < OUTPUT_TIMEOUT_S + 30, waited
+        out = client.completions.create(model="tiny", prompt="hi", max_tokens=5, temperature=0)
+        assert out.choices[0].text == reference.generate("hi", greedy(5))[0].text
         health = httpx.get(server["http"] + "/health", timeout=60)
-        assert health.status_code == 503, health.text
+        assert health.status_code == 503 and health.json()["error"]["code"] == "timeout", health.text
     finally:
-        os.kill(router.pid, signal.SIGCONT)
+        os.kill(coordinator.pid, signal.SIGCONT)
+    deadline = time.time() + 30
+    while httpx.get(server["http"] + "/health", timeout=60).status_code != 200:
+        assert time.time() < deadline, "health did not come back"
+        time.sleep(0.5)
     wait_idle(server)
-    out = client.completions.create(model="tiny", prompt="hi", max_tokens=3, temperature=0)
-    assert out.choices[0].text == reference.generate("hi", greedy(3))[0].text
 
 
 def test_ingress_replica_death(server, reference):
-    """SIGKILL the ingress replica with streams in flight: the router aborts their requests (their caller is
-    gone), Serve starts a new replica, and the same requests sent again get the tokens they would have had."""
+    """SIGKILL the ingress replica with streams in flight: the attention shard aborts their requests (their caller
+    is gone), Serve starts a new replica, and the same requests sent again get the tokens they would have had."""
     import threading
 
     prompts = [[5 + i, 6, 7, 8] for i in range(3)]
@@ -1086,19 +1091,20 @@ def test_ingress_replica_death(server, reference):
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
         futures = [pool.submit(_stream_http, server, p, max_tokens, s) for p, s in zip(prompts, started)]
         assert all(s.wait(60) for s in started)
-        replicas = _processes(server, "ServeReplica:latentmoe:")
+        replicas = _processes(server, "ServeReplica:latentmoe:LatentMoEServer")
         assert len(replicas) == 1, replicas
         busy = httpx.get(server["http"] + "/v1/cache", timeout=10)  # through the replica, before it dies
         assert busy.json()["num_running"] == len(prompts)
         replicas[0].kill()  # SIGKILL
         results = [f.result(timeout=120) for f in futures]
     assert all(isinstance(r, Exception) for r in results), results  # their streams broke
-    router = ray.get_actor("latentmoe-router", namespace=ROUTER_NAMESPACE)
     deadline = time.time() + 30
-    while ray.get(router.counters.remote(), timeout=30)["num_live_requests"] and time.time() < deadline:
+    while True:
+        cache = shard_stats()[0]
+        if cache["num_requests"] == 0 or time.time() > deadline:
+            break
         time.sleep(0.2)
-    cache = ray.get(router.cache_stats.remote(), timeout=30)
-    assert cache["num_free_blocks"] == cache["num_blocks"] and cache["num_running"] == 0, cache
+    assert cache["num_free_blocks"] == cache["num_blocks"] and cache["num_requests"] == 0, cache
     # the replacement replica serves; the requests sent again give the uninterrupted greedy tokens
     deadline = time.time() + 180
     while True:
@@ -1118,18 +1124,17 @@ def test_ingress_replica_death(server, reference):
 
 
 def test_no_attention_shard_left_gives_503(server):
-    """The attention node goes away with a stream in flight: its replacement cannot be placed anywhere, so after
-    the recovery timeout the stream ends with an error event, new requests get 503 / UNAVAILABLE, and /health
-    says 503 (not a hang)."""
+    """The attention node goes away with a stream in flight: Serve's replacement replica cannot be placed
+    anywhere, so the stream ends with an error event, new requests get 503 / UNAVAILABLE, and /health says 503
+    (not a hang)."""
     import threading
 
-    router = ray.get_actor("latentmoe-router", namespace=ROUTER_NAMESPACE)
     attention_node_id = server["attention_node"].node_id
     nodes = {n["NodeID"]: sorted(k for k in n["Resources"] if not k.startswith("node:")) for n in ray.nodes()
              if n["Alive"]}
-    router_node = ray.get(router.counters.remote(), timeout=30)["node_id"]
-    # the router avoids shard nodes (latentmoe.actors.cluster._router_node), whichever node the first replica is on
-    assert router_node != attention_node_id, (router_node, attention_node_id, nodes)
+    coordinator_node = coordinator_status()["node_id"]
+    # the coordinator avoids shard nodes (latentmoe.actors.cluster._router_node), whichever node started it
+    assert coordinator_node != attention_node_id, (coordinator_node, attention_node_id, nodes)
     assert all(p.info["ppid"] != server["attention_node"].all_processes["raylet"][0].process.pid
                for p in _processes(server, "ServeReplica"))
     started = threading.Event()
@@ -1142,6 +1147,11 @@ def test_no_attention_shard_left_gives_503(server):
         ended
     r = httpx.post(server["http"] + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3},
                    timeout=60)
+    deadline = time.time() + 30
+    while r.status_code != 503 and time.time() < deadline:  # the ingress hears of it within a few seconds
+        time.sleep(1)
+        r = httpx.post(server["http"] + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 3},
+                       timeout=60)
     assert r.status_code == 503 and "attention shard" in r.json()["error"]["message"], r.text
     stub = generate_pb2_grpc.GeneratorStub(server["grpc"])
     with pytest.raises(grpc.RpcError) as info:

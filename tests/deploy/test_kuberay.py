@@ -176,9 +176,15 @@ def test_worker_groups_request_gpus_and_advertise_their_role():
         # KubeRay puts `--resources=<value>` into a shell command line: parse it the way the shell will.
         (resources_json,) = shlex.split(params["resources"])
         assert json.loads(resources_json) == {role: gpus}, params["resources"]
-        assert group["replicas"] == group["minReplicas"] == group["maxReplicas"]
-        # the shards the application asks for are exactly the role units the group advertises
-        assert args[f"{name}_shards"] == gpus * group["replicas"], (name, args)
+        assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
+        if name == "expert":  # a fixed count: exactly the role units the group advertises
+            assert group["replicas"] == group["minReplicas"] == group["maxReplicas"]
+            assert args["expert_shards"] == gpus * group["replicas"], args
+        else:  # MIN:MAX, autoscaled: the minimum fits the pods that always run, the maximum the most there can be
+            low, high = (int(n) for n in str(args["attention_shards"]).split(":"))
+            assert low <= gpus * group["minReplicas"] and high <= gpus * group["maxReplicas"], (args, group)
+            assert high > gpus * group["minReplicas"], "the autoscaler would never need another attention pod"
+    assert cluster["enableInTreeAutoscaling"] is True  # Ray's autoscaler adds attention pods for Serve's shards
     head = cluster["headGroupSpec"]
     assert not set(ROLES) & set(head["rayStartParams"].get("resources", "")), "the head must hold no shard"
     assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]

@@ -16,7 +16,7 @@ from ray.cluster_utils import Cluster
 from ray.serve.config import gRPCOptions
 from typer.testing import CliRunner
 
-from latentmoe.actors.cluster import ROUTER_NAMESPACE
+from latentmoe.actors.cluster import ROUTER_NAMESPACE, stop_coordinator
 from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
 from latentmoe.actors.serve_app import GRPC_SERVICERS, build_app
 from latentmoe.cluster.communicator import free_port
@@ -49,10 +49,7 @@ def server(tiny_dir):
                "metrics": [f"http://127.0.0.1:{port}/metrics" for port in metrics_ports]}
     finally:
         serve.shutdown()
-        try:
-            ray.kill(ray.get_actor("latentmoe-router", namespace=ROUTER_NAMESPACE))
-        except ValueError:
-            pass
+        stop_coordinator()
         ray.shutdown()
         c.shutdown()
 

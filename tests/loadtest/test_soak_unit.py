@@ -12,9 +12,9 @@ from latentmoe.loadtest.soak import (POOL, Tally, _psutil, cluster_pids, expecte
 
 
 @pytest.mark.parametrize("cmdline,title", [
-    (["ray::ShardActor"], "ray::ShardActor"),
-    (["ray::ShardActor.step()"], "ray::ShardActor"),
-    (["ray::RouterActor.generate"], "ray::RouterActor"),
+    (["ray::ExpertShardActor"], "ray::ExpertShardActor"),
+    (["ray::ExpertShardActor.assign()"], "ray::ExpertShardActor"),
+    (["ray::Coordinator.watch"], "ray::Coordinator"),
     (["ray::ServeReplica:latentmoe:LatentMoEServer"], "ray::ServeReplica:latentmoe:LatentMoEServer"),
     (["ray::ProxyActor", "", ""], "ray::ProxyActor"),
     (["ray::IDLE"], None),  # pooled workers come and go on Ray's own schedule

@@ -1,0 +1,149 @@
+"""Capacity that follows load, for real: the Serve application on a Ray cluster whose autoscaler is Ray's own
+(its fake multi-node provider starts and stops real raylets on this machine).
+
+Attention nodes: min 1, max 2; one expert node. A burst of requests makes Serve add a second attention shard,
+which asks for a second attention node, which Ray's autoscaler launches; the new shard joins the collective
+group at a step boundary. After the burst Serve removes a shard (it drains and leaves the group) while a
+stream is in flight, and Ray removes the idle node. Every reply equals the reply its prompt gets alone.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import threading
+import time
+
+import httpx2 as httpx
+import pytest
+import ray
+from ray import serve
+
+from latentmoe import LLM, SamplingParams
+from latentmoe.actors.cluster import ROUTER_NAMESPACE, stop_coordinator
+from latentmoe.actors.local_cluster import use_ray_auth
+from latentmoe.actors.names import COORDINATOR_NAME
+from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
+from latentmoe.actors.serve_app import build_app
+from latentmoe.cluster.communicator import free_port
+from tests.actors.autoscaling import start_autoscaling_cluster
+
+IDLE_TIMEOUT_MINUTES = 0.25  # an idle attention node goes after 15 s
+NODE_TYPES = {
+    "attention": {"resources": {"CPU": 1, ATTENTION_RESOURCE: 1}, "min_workers": 1, "max_workers": 2},
+    "expert": {"resources": {"CPU": 2, EXPERT_RESOURCE: 2}, "min_workers": 1, "max_workers": 1},
+}
+APP_ARGS = {"served_model_name": "tiny", "attention_shards": "1:2", "expert_shards": 2, "place_by_role": True,
+            "target_shard_requests": 2, "upscale_delay_s": 1.0, "downscale_delay_s": 8.0, "drain_timeout_s": 60.0,
+            "engine": {"block_size": 16, "num_blocks": 256}, "max_num_requests": 32, "min_replicas": 1,
+            "max_replicas": 1, "step_timeout_s": 30.0, "api_key": None, "api_key_env": None}
+
+
+def wait_for(condition, timeout_s: float, what: str) -> float:
+    start = time.monotonic()
+    while not condition():
+        assert time.monotonic() - start < timeout_s, f"{what}: not within {timeout_s:.0f} s"
+        time.sleep(0.5)
+    return time.monotonic() - start
+
+
+@pytest.fixture(scope="module")
+def server(tiny_dir):
+    c = start_autoscaling_cluster(NODE_TYPES, head_resources={}, head_num_cpus=2,
+                                  idle_timeout_minutes=IDLE_TIMEOUT_MINUTES)
+    http_port = free_port()
+    try:
+        use_ray_auth(c.env)
+        ray.init(address=c.address, log_to_driver=False)
+        wait_for(lambda: len(c.alive_nodes(ATTENTION_RESOURCE)) == 1 and len(c.alive_nodes(EXPERT_RESOURCE)) == 1,
+                 120, "the min_workers nodes")
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port})
+        serve.run(build_app({"model": str(tiny_dir), **APP_ARGS}), name="latentmoe", route_prefix="/")
+        yield {"http": f"http://127.0.0.1:{http_port}", "cluster": c}
+    finally:
+        try:
+            serve.shutdown()
+            stop_coordinator()
+        except Exception:  # noqa: BLE001: the cluster goes anyway
+            pass
+        ray.shutdown()
+        c.stop()
+
+
+def health(server) -> dict:
+    r = httpx.get(server["http"] + "/health", timeout=30)
+    return r.json() if r.status_code == 200 else {}
+
+
+def stream(server, prompt, max_tokens: int, started: threading.Event | None = None):
+    body = {"model": "tiny", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    text = ""
+    with httpx.stream("POST", server["http"] + "/v1/completions", json=body, timeout=300) as r:
+        assert r.status_code == 200, r.read()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[6:])
+                assert "error" not in event, event
+                text += event["choices"][0]["text"]
+                if started is not None:
+                    started.set()
+            elif line == "data: [DONE]":
+                return text
+    raise AssertionError("the stream ended without [DONE]")
+
+
+def tokens_run_per_shard() -> dict[str, int]:
+    coordinator = ray.get_actor(COORDINATOR_NAME, namespace=ROUTER_NAMESPACE)
+    shards = ray.get(coordinator.shards.remote(), timeout=30)["attention"]
+    return {info["node_id"]: info.get("cache", {}).get("num_tokens_run", 0) for _, info in shards}
+
+
+def test_a_burst_adds_a_shard_and_a_node_and_both_go_after_it(server, tiny_dir):
+    c = server["cluster"]
+    reference = LLM(model=str(tiny_dir))
+    prompts = [[7 + i, 8, 9, 10 + i] for i in range(8)]
+    expected = [o.text for o in reference.generate(prompts, SamplingParams(max_tokens=160, temperature=0.0,
+                                                                           ignore_eos=True))]
+    assert health(server)["attention_shards"] == 1
+    epoch = health(server)["epoch"]
+
+    # the burst: 8 streams against a target of 2 ongoing requests per shard
+    start = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        burst = [pool.submit(stream, server, p, 160) for p in prompts]
+        scale_out_s = wait_for(lambda: health(server).get("attention_shards") == 2, 240, "a second attention shard")
+        texts = [f.result(timeout=300) for f in burst]
+    assert texts == expected  # the group re-formed under the streams: nothing changed
+    assert len(c.alive_nodes(ATTENTION_RESOURCE)) == 2  # Ray's autoscaler launched the node for the new shard
+    after = health(server)
+    assert after["epoch"] > epoch and after["scale_outs"] >= 1
+    print(f"\nscale-out: load to a second shard in the group {scale_out_s:.1f} s "
+          f"(burst started {time.monotonic() - start:.1f} s ago)")
+
+    # the new shard serves: a second wave spreads over both
+    before = tokens_run_per_shard()
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        wave = list(pool.map(lambda p: stream(server, p, 160), prompts))
+    assert wave == expected
+    ran = {node: n - before.get(node, 0) for node, n in tokens_run_per_shard().items()}
+    assert len(ran) == 2 and all(n > 0 for n in ran.values()), ran
+
+    # after the burst: a stream in flight while Serve takes a shard away; it completes unchanged
+    long_prompt = [11, 12, 13]
+    long_expected = reference.generate([long_prompt], SamplingParams(max_tokens=600, temperature=0.0,
+                                                                     ignore_eos=True))[0].text
+    started = threading.Event()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(stream, server, long_prompt, 600, started)
+        assert started.wait(60)
+        scale_in_s = wait_for(lambda: health(server).get("attention_shards") == 1, 180, "the scale-in")
+        assert in_flight.result(timeout=300) == long_expected
+    assert health(server)["scale_ins"] >= 1
+    node_gone_s = wait_for(lambda: len(c.alive_nodes(ATTENTION_RESOURCE)) == 1, 180, "the idle node's removal")
+    print(f"scale-in: one shard left {scale_in_s:.1f} s after the stream started; "
+          f"its node removed {node_gone_s:.1f} s later")
+    r = httpx.post(server["http"] + "/v1/completions", timeout=120,
+                   json={"model": "tiny", "prompt": prompts[0], "max_tokens": 160, "temperature": 0,
+                         "ignore_eos": True})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == expected[0]
