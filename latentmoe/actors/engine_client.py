@@ -259,3 +259,31 @@ async def _actor_stream(pick, moved, *args):
             ray.cancel(gen)
         except Exception:  # noqa: BLE001
             pass
+
+
+class InProcessClient:
+    """The engine client over a single-process engine (``AsyncLLM``), with no Ray: the ingress runs on it in
+    tests of the HTTP and gRPC layers, and anyone can put the front doors on one process."""
+
+    def __init__(self, engine):
+        """``engine``: an ``AsyncLLM``."""
+        self.async_engine = engine
+        self.vocab_size = engine.engine.model_config.vocab_size
+        self.max_model_len = engine.engine.max_model_len
+        self.num_moves = 0
+
+    def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None):
+        return self.async_engine.generate(prompt, params, request_id)
+
+    async def status(self) -> dict:
+        cache = self.async_engine.engine.cache_stats()
+        error = repr(self.async_engine.error) if self.async_engine.error is not None else None
+        return {"attention_shards": 1, "expert_shards": 0, "epoch": 0, "error": error,
+                "num_running": cache.get("num_running", 0), "num_waiting": cache.get("num_waiting", 0),
+                "num_scale_outs": 0, "num_scale_ins": 0, "num_recoveries": 0}
+
+    async def cache_stats(self) -> dict:
+        return self.async_engine.engine.cache_stats()
+
+    async def expert_load(self, window_s: float) -> dict:
+        raise NoShardError("expert load is measured on the disaggregated cluster only")
