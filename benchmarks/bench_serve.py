@@ -206,7 +206,11 @@ def start_latentmoe(args: argparse.Namespace, model: Path, log_path: Path):
     env = server_env(HOME=str(home), RAY_TMPDIR=tempfile.mkdtemp(prefix="bsr", dir="/tmp"))
     serve_args = ["--no-ray-dashboard", "--attention-shards", args.attention_shards,
                   "--expert-shards", str(args.expert_shards), *args.latentmoe_arg]
-    server = LocalServer(env, *serve_args, model=model, command=(str(args.latentmoe_cli),), log_path=log_path)
+    command = (str(args.latentmoe_cli),)
+    if args.src is not None:  # another checkout (an older commit in a git worktree), on this virtualenv
+        env["PYTHONPATH"] = str(args.src.resolve())
+        command = (str(ROOT / ".venv" / "bin" / "python"), "-m", "latentmoe.cli")
+    server = LocalServer(env, *serve_args, model=model, command=command, log_path=log_path)
     server.temp_dirs = [home, Path(env["RAY_TMPDIR"])]
     return server
 
@@ -388,6 +392,8 @@ def main() -> None:
     ap.add_argument("--attention-shards", default="1", help="latentmoe serve --attention-shards (N or MIN:MAX)")
     ap.add_argument("--expert-shards", type=int, default=2)
     ap.add_argument("--latentmoe-cli", type=Path, default=ROOT / ".venv" / "bin" / "latentmoe")
+    ap.add_argument("--src", type=Path, default=None, help="run latentmoe from this checkout (before/after runs)")
+    ap.add_argument("--label", default=None, help="the latentmoe entry's name in the JSON (default: latentmoe)")
     ap.add_argument("--latentmoe-arg", action="append", default=[], help="one more latentmoe serve argument (--latentmoe-arg=--flag)")
     ap.add_argument("--vllm-venv", type=Path, default=Path("/work/vllm-venv"))
     ap.add_argument("--vllm-arg", action="append", default=[], help="one more vllm serve argument (--vllm-arg=--enforce-eager)")
@@ -419,7 +425,8 @@ def main() -> None:
                 "cpus": os.cpu_count(), "dtype": "float32", "device": "cpu"}
     for target in targets:
         rec = bench_target(target, args, model, result_dir)
-        out["targets"][target] = {"settings": settings, **rec}
+        key = args.label if (target == "latentmoe" and args.label) else target
+        out["targets"][key] = {"settings": settings, **rec, **({"src": str(args.src)} if args.src else {})}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2, default=str))  # after each target: a crash keeps the first
     print()

@@ -111,7 +111,7 @@ class AttentionServer:
                 self.steps.assign(group)
 
     def _report_load(self, stats: dict) -> None:  # the step thread, about once a second
-        cache = self.shard.cache
+        cache = self.shard.cache | {"step_s": self.shard.timings["step_s"], "num_steps": self.shard.timings["num_steps"]}
         self.coordinator.report_load.remote(self.member_id, stats, cache)
         self.metrics.waiting.set(cache.get("num_waiting", 0), tags={"shard": self.member_id})
         self.metrics.running.set(cache.get("num_running", 0), tags={"shard": self.member_id})

@@ -12,6 +12,7 @@ expert-load questions.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
@@ -55,6 +56,8 @@ class ShardClient:
         self.output_timeout_s, self.recovery_timeout_s = output_timeout_s, recovery_timeout_s
         self.metrics = metrics
         self.num_moves = 0
+        self._streams: dict[str, object] = {}  # request id -> the stream it is on now (for aborts)
+        self._aborted: set[str] = set()
         # the coordinator's last word on the group, polled in the background (never on a request's path): with
         # no attention shard up, new requests get 503 at once instead of waiting in Serve's queue
         self.last_status: tuple[float, dict] | None = None
@@ -91,9 +94,11 @@ class ShardClient:
         tokens: list[int] = []
         chars, moves, status = 0, 0, "abort"
         gone_since: float | None = None
+        last: RequestOutput | None = None
         try:
             while True:
                 stream = self.open_stream(request_id, ids, params, tokens, chars, moves > 0)
+                self._streams[request_id] = stream
                 try:
                     while True:
                         try:
@@ -105,7 +110,7 @@ class ShardClient:
                                 raise NoShardError(f"no attention shard took the request within "
                                                    f"{self.output_timeout_s:g} s") from None
                             raise OutputTimeoutError(f"no output within {self.output_timeout_s:g} s") from None
-                        gone_since = None
+                        gone_since, last = None, out
                         self._observe(times, out)
                         if params.num_samples == 1:
                             tokens, chars = list(out.token_ids), len(out.text)
@@ -115,6 +120,10 @@ class ShardClient:
                             return
                 except BaseException as raised:
                     e = unwrap(raised)
+                    if request_id in self._aborted and not isinstance(raised, GeneratorExit):
+                        status = "abort"  # abort(): the shard dropped it when its stream was cancelled
+                        yield _aborted_output(request_id, ids, params, last)
+                        return
                     if not _shard_gone(e):
                         status = ("overloaded" if isinstance(e, OverloadedError) or _backpressure(e) else
                                   "invalid" if isinstance(e, (ValueError, TypeError)) else
@@ -140,9 +149,21 @@ class ShardClient:
                 finally:
                     await _close(stream)
         finally:
+            self._streams.pop(request_id, None)
+            self._aborted.discard(request_id)
             self._count(status)
             if self.metrics is not None:
                 self.metrics.e2e.observe(time.monotonic() - times.arrival)
+
+    async def abort(self, request_id: str) -> bool:
+        """Abort a running request: its stream to the shard is cancelled (the shard frees its blocks), and its
+        caller gets a last output with ``finish_reason`` "abort". False if it is not running here."""
+        stream = self._streams.get(request_id)
+        if stream is None:
+            return False
+        self._aborted.add(request_id)
+        _cancel(stream)
+        return True
 
     def _start_polling(self) -> None:
         if (self._poller is None or self._poller.done()) and self.coordinator is not None:
@@ -218,6 +239,26 @@ def _backpressure(e: BaseException) -> bool:
     return isinstance(e, BackPressureError)
 
 
+def _aborted_output(request_id: str, ids: list[int], params: SamplingParams,
+                    last: RequestOutput | None) -> RequestOutput:
+    from latentmoe.engine.engine import CompletionOutput
+
+    if last is None:
+        samples = [CompletionOutput(i, [], "") for i in range(params.n)]
+    else:
+        samples = last.outputs
+    samples = [dataclasses.replace(o, delta_token_ids=[], delta_text="", delta_logprobs=None, finished=True,
+                                   finish_reason=o.finish_reason if o.finished else "abort") for o in samples]
+    return RequestOutput(request_id, ids, samples, finished=True)
+
+
+def _cancel(stream) -> None:
+    try:
+        stream.cancel()
+    except Exception as e:  # noqa: BLE001: cancelling a stream that ended
+        logger.debug("cancelling a stream: %r", e)
+
+
 async def _close(stream) -> None:
     try:
         if hasattr(stream, "aclose"):
@@ -243,22 +284,38 @@ def actor_opener(pick):
     """Streams to plain attention actors (the offline ``LLM``): ``await pick(moved)`` chooses the actor."""
 
     def open_stream(request_id, ids, params, tokens, chars, moved=False):
-        return _actor_stream(pick, moved, request_id, ids, params, list(tokens), chars)
+        return _ActorStream(pick, moved, (request_id, ids, params, list(tokens), chars))
 
     return open_stream
 
 
-async def _actor_stream(pick, moved, *args):
-    actor = await pick(moved)
-    gen = actor.generate.options(num_returns="streaming").remote(*args)
-    try:
-        async for ref in gen:
-            yield await ref
-    finally:
-        try:
-            ray.cancel(gen)
-        except Exception:  # noqa: BLE001
-            pass
+class _ActorStream:
+    """One request's outputs from an attention actor, as Serve's response generator offers them."""
+
+    def __init__(self, pick, moved: bool, args: tuple):
+        self.pick, self.moved, self.args = pick, moved, args
+        self.gen = None
+        self.cancelled = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.gen is None:
+            actor = await self.pick(self.moved)
+            if self.cancelled:
+                raise asyncio.CancelledError()
+            self.gen = actor.generate.options(num_returns="streaming").remote(*self.args)
+        ref = await self.gen.__anext__()
+        return await ref
+
+    def cancel(self) -> None:
+        self.cancelled = True
+        if self.gen is not None:
+            ray.cancel(self.gen)
+
+    async def aclose(self) -> None:
+        self.cancel()
 
 
 class InProcessClient:
@@ -274,6 +331,10 @@ class InProcessClient:
 
     def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None):
         return self.async_engine.generate(prompt, params, request_id)
+
+    async def abort(self, request_id: str) -> bool:
+        await self.async_engine.abort(request_id)
+        return True
 
     async def status(self) -> dict:
         cache = self.async_engine.engine.cache_stats()

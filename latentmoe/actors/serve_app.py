@@ -263,28 +263,23 @@ class LatentMoEServer:
         self.max_model_len = engine.max_model_len
         self.created = int(time.time())
         self._token_texts: dict[int, str] = {}
-        self._live: dict[str, object] = {}  # request id -> its stream (for aborts from the gRPC proxy)
 
     # ---- the engine, for both doors ---------------------------------------------------------------------------
 
     async def _stream(self, prompt, params, request_id: str):
         """The engine's outputs for one request; stopping early (the caller went away) aborts it."""
         stream = self.engine.generate(prompt, params, request_id)
-        self._live[request_id] = stream
         try:
             async for out in stream:
                 yield out
         finally:
-            self._live.pop(request_id, None)
             await stream.aclose()
 
     async def abort_request(self, request_id: str) -> bool:
-        """Abort a request (called by Serve's gRPC proxy for a stream it dropped; see ``grpc_ingress``)."""
-        stream = self._live.pop(request_id, None)
-        if stream is None:
-            return False
-        await stream.aclose()
-        return True
+        """Abort a request (called by Serve's gRPC proxy for a stream it dropped; see ``grpc_ingress``): its
+        stream ends with a last output whose finish reason is "abort". False if it does not run here."""
+        abort = getattr(self.engine, "abort", None)
+        return bool(abort is not None and await abort(request_id))
 
     async def _call(self, awaitable, what: str, timeout_s: float = 30.0):
         return await _within(awaitable, timeout_s, what)
@@ -340,7 +335,8 @@ class LatentMoEServer:
                 "expert_shards": status["expert_shards"], "epoch": status["epoch"],
                 "live_requests": status["num_running"] + status["num_waiting"],
                 "scale_outs": status["num_scale_outs"], "scale_ins": status["num_scale_ins"],
-                "recoveries": status["num_recoveries"], "moved_requests": getattr(self.engine, "num_moves", 0)}
+                "recoveries": status["num_recoveries"], "moved_requests": getattr(self.engine, "num_moves", 0),
+                "step_ms": status.get("step_ms")}
 
     @app.get("/v1/models")
     async def models(self, request: Request):

@@ -675,7 +675,17 @@ def test_serve_config_file_is_valid():
     built = build_app(app.args)  # the ingress deployment, bound to the config's args and with its settings
     ingress = built._bound_deployment  # Ray 2.60 has no public accessor for an Application's deployment
     assert isinstance(built, serve.Application) and ingress.name == INGRESS_DEPLOYMENT
-    assert ingress.init_args == (app.args,) and ingress.init_kwargs == {}
+    assert ingress.init_args[0] == app.args and ingress.init_kwargs == {}
+    shards = ingress.init_args[1]._bound_deployment  # the attention shards: their own autoscaled deployment
+    from latentmoe.actors.names import ATTENTION_DEPLOYMENT
+
+    low, high = (int(n) for n in app.args["attention_shards"].split(":"))
+    shard_scaling = shards._deployment_config.autoscaling_config
+    assert shards.name == ATTENTION_DEPLOYMENT and (shard_scaling.min_replicas, shard_scaling.max_replicas) == (
+        low, high)
+    assert shard_scaling.target_ongoing_requests == app.args["target_shard_requests"]
+    assert shards.max_ongoing_requests == app.args["max_num_requests"]
+    assert shards.ray_actor_options["resources"] == {"attention_node": 1.0}
     assert (ingress.max_ongoing_requests, ingress.max_queued_requests) == (
         app.args["max_ongoing_requests"], app.args["max_queued_requests"])
     autoscaling = ingress._deployment_config.autoscaling_config
@@ -1136,7 +1146,7 @@ def test_no_attention_shard_left_gives_503(server):
     # the coordinator avoids shard nodes (latentmoe.actors.cluster._router_node), whichever node started it
     assert coordinator_node != attention_node_id, (coordinator_node, attention_node_id, nodes)
     assert all(p.info["ppid"] != server["attention_node"].all_processes["raylet"][0].process.pid
-               for p in _processes(server, "ServeReplica"))
+               for p in _processes(server, "ServeReplica:latentmoe:LatentMoEServer"))
     started = threading.Event()
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         future = pool.submit(_stream_http, server, [5] * 8, 1500, started)
