@@ -808,6 +808,7 @@ def test_dashboard_renders_in_a_browser(server, client, tmp_path):
             hottest = page.locator("#hottest tr td").count()
             page.hover("#heatmap", position={"x": 60 + 56 * 3 + 20, "y": 20 + 110 + 20})  # layer 2, expert 3
             hover = page.inner_text("#hover")
+            cluster = page.inner_text("#cluster")
             page.screenshot(path=str(tmp_path / "dashboard.png"), full_page=True)
         finally:
             browser.close()
@@ -820,6 +821,7 @@ def test_dashboard_renders_in_a_browser(server, client, tmp_path):
     assert sum(int(s.split()[2]) for s in shards[1:]) > 0, shards
     assert devices > 0 and hottest > 0
     assert hover.startswith("layer 2, expert 3: ") and "tokens" in hover, hover
+    assert cluster.startswith("attention shards 1 · expert shards 2 · epoch ") and "scale-outs" in cluster, cluster
     assert (tmp_path / "dashboard.png").stat().st_size > 10_000
 
 
