@@ -203,11 +203,12 @@ def _start_node(args: list[str], env: dict[str, str], echo: Echo) -> int:
 
 
 def cluster_shape(attention_shards: int, expert_shards: int) -> dict:
-    """The local cluster that holds ``attention_shards`` and ``expert_shards`` (one logical CPU per shard):
+    """The local cluster that holds ``attention_shards`` and ``expert_shards`` (one logical CPU per shard, and one
+    to spare on each node for what Serve places anywhere, such as an ingress replica):
     one attention node, and expert nodes of two shards each."""
     per_node = max(attention_shards, 2)
     return {"attention_nodes": 1, "expert_nodes": max(1, (expert_shards + 1) // 2),
-            "shards_per_node": per_node, "cpus_per_node": per_node}
+            "shards_per_node": per_node, "cpus_per_node": per_node + 1}
 
 
 def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shards_per_node: int = 2,
@@ -216,10 +217,11 @@ def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shar
                         record: bool = True) -> LocalCluster:
     """Start the head and the worker nodes; returns the cluster (``stop()`` ends it).
 
-    ``cpus_per_node`` defaults to ``shards_per_node`` (shards ask for one logical CPU each). With
+    ``cpus_per_node`` defaults to ``shards_per_node`` + 1 (shards ask for one logical CPU each; the spare one is
+    for what Serve places on any node, such as an ingress replica, which must not take a shard's). With
     ``record``, the cluster is written to ``cache_root()/cluster-PORT.json`` for ``find_local_cluster``.
     """
-    cpus_per_node = shards_per_node if cpus_per_node is None else cpus_per_node
+    cpus_per_node = shards_per_node + 1 if cpus_per_node is None else cpus_per_node
     for name, value in (("attention_nodes", attention_nodes), ("expert_nodes", expert_nodes),
                         ("shards_per_node", shards_per_node), ("cpus_per_node", cpus_per_node),
                         ("head_cpus", head_cpus)):

@@ -48,9 +48,9 @@ def test_auth_env_respects_the_users_settings(tmp_path):
 
 
 @pytest.mark.parametrize("attention, expert, want", [
-    (1, 2, dict(attention_nodes=1, expert_nodes=1, shards_per_node=2, cpus_per_node=2)),
-    (2, 2, dict(attention_nodes=1, expert_nodes=1, shards_per_node=2, cpus_per_node=2)),
-    (3, 5, dict(attention_nodes=1, expert_nodes=3, shards_per_node=3, cpus_per_node=3)),
+    (1, 2, dict(attention_nodes=1, expert_nodes=1, shards_per_node=2, cpus_per_node=3)),
+    (2, 2, dict(attention_nodes=1, expert_nodes=1, shards_per_node=2, cpus_per_node=3)),
+    (3, 5, dict(attention_nodes=1, expert_nodes=3, shards_per_node=3, cpus_per_node=4)),
 ])
 def test_cluster_shape_holds_the_shards(attention, expert, want):
     shape = cluster_shape(attention, expert)
