@@ -83,7 +83,9 @@ class ServeArgs:
     target_ongoing_requests: float = 16
     max_ongoing_requests: int = 64
     max_queued_requests: int = 64
-    replica_num_cpus: float = 0.25
+    # logical CPUs an ingress replica reserves: none by default, so that one placed on a shard's node never takes
+    # the CPU the shard asks for (the ingress parses and forwards; the shards compute)
+    replica_num_cpus: float = 0.0
     start_timeout_s: float = 300.0
 
     @property

@@ -101,8 +101,7 @@ import json, sys
 from latentmoe import LLM, SamplingParams
 llm = LLM(model=sys.argv[1], attention_shards=2, expert_shards=2)
 out = llm.generate([{prompt!r}], SamplingParams(max_tokens=8, temperature=0.0))[0]
-print(json.dumps({{"token_ids": out.token_ids, "shards": {{r: len(v) for r, v in llm.shard_info.items()
-                                                         if r in ("attention", "expert")}}}}))
+print(json.dumps({{"token_ids": out.token_ids, "shards": {{r: len(v) for r, v in llm.shards().items()}}}}))
 if sys.argv[2] == "shutdown":
     llm.shutdown()
 """
