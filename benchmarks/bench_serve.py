@@ -210,7 +210,8 @@ def start_latentmoe(args: argparse.Namespace, model: Path, log_path: Path):
     if args.src is not None:  # another checkout (an older commit in a git worktree), on this virtualenv
         env["PYTHONPATH"] = str(args.src.resolve())
         command = (str(ROOT / ".venv" / "bin" / "python"), "-m", "latentmoe.cli")
-    server = LocalServer(env, *serve_args, model=model, command=command, log_path=log_path)
+    server = LocalServer(env, *serve_args, model=model, command=command, log_path=log_path,
+                         cwd=args.src.resolve() if args.src is not None else None)
     server.temp_dirs = [home, Path(env["RAY_TMPDIR"])]
     return server
 

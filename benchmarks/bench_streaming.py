@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import httpx
+import httpx2 as httpx  # the HTTP client the openai package uses (the project installs it)
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -90,13 +90,16 @@ def main() -> None:
     args = p.parse_args()
 
     home = tempfile.mkdtemp(prefix="lm-stream-home-")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {"HOME": home}
+    # its own HOME (Ray token, cluster record) and Ray temp dir (no other cluster on this machine is found)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
+        "HOME": home, "RAY_TMPDIR": tempfile.mkdtemp(prefix="lmst", dir="/tmp")}
     command = None
     if args.src:
         src = Path(args.src).resolve()
         env["PYTHONPATH"] = str(src)
         command = [str(ROOT / ".venv" / "bin" / "python"), "-m", "latentmoe.cli"]
-    server = LocalServer(env, "--no-ray-dashboard", *args.serve_arg, command=command)
+    extra = {"command": command, "cwd": Path(args.src).resolve()} if args.src else {}
+    server = LocalServer(env, "--no-ray-dashboard", *args.serve_arg, **extra)
     result = {"label": args.label or (f"src={args.src}" if args.src else "this checkout"),
               "loadavg_before": os.getloadavg(), "rounds": []}
     try:

@@ -105,7 +105,8 @@ class LocalServer:
     """
 
     def __init__(self, env: Mapping[str, str], *serve_args: str, model: str | Path | None = None,
-                 command: Sequence[str] = LATENTMOE, own_ray_port: bool = True, log_path: Path | None = None):
+                 command: Sequence[str] = LATENTMOE, own_ray_port: bool = True, log_path: Path | None = None,
+                 cwd: str | Path | None = None):
         self.env = {**env, MARK: env.get(MARK) or uuid.uuid4().hex}
         self.http, self.grpc = free_port(), free_port()
         self.ray_port = free_port() if own_ray_port else None
@@ -114,8 +115,9 @@ class LocalServer:
                 "--http-port", str(self.http), "--grpc-port", str(self.grpc),
                 *(["--ray-port", str(self.ray_port)] if own_ray_port else []), *serve_args]
         self.log = open(log_path or Path(self.env["HOME"]) / "serve.log", "w+")
+        # cwd: another checkout's directory when ``command`` runs its code (``python -m`` puts cwd first on the path)
         self.proc = subprocess.Popen(args, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, cwd=cwd)
 
     def _check_running(self) -> None:
         if self.proc.poll() is not None:
