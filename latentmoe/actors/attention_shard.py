@@ -70,6 +70,8 @@ class AttentionServer:
                               on_joined=lambda epoch: self.coordinator.joined.remote(self.member_id, epoch),
                               on_fault=lambda epoch, error: self.coordinator.fault.remote(self.member_id, epoch,
                                                                                            error))
+        self.consumers: dict[str, object] = {}  # request id -> its caller's actor, when given
+        self._watchdog: asyncio.Task | None = None
         self.draining = False
         self.error: str | None = None
         self._closed = False
@@ -122,9 +124,10 @@ class AttentionServer:
     # ---- requests -------------------------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       output_token_ids: list[int] | None = None, num_output_chars: int = 0):
+                       output_token_ids: list[int] | None = None, num_output_chars: int = 0, consumer=None):
         """Stream one request's outputs (the last has ``finished``). ``output_token_ids``: what the caller
-        already has from a shard that failed or drained (recomputed here; the stream goes on after them)."""
+        already has from a shard that failed or drained (recomputed here; the stream goes on after them).
+        ``consumer``: the caller's actor (an ingress replica); if it dies, the request is aborted."""
         if self.error is not None or self.draining:
             raise ShardGoneError(self.error or f"attention shard {self.member_id} is draining")
         if self.shard.num_work() >= self.max_num_requests:
@@ -134,6 +137,10 @@ class AttentionServer:
             raise ValueError(f"request id {request_id!r} is already running")
         queue: asyncio.Queue = asyncio.Queue()
         self.streams[request_id] = (asyncio.get_running_loop(), queue)
+        if consumer is not None:
+            self.consumers[request_id] = consumer
+            if self._watchdog is None or self._watchdog.done():
+                self._watchdog = asyncio.get_running_loop().create_task(self._watch_consumers())
         self.shard.add(NewRequest(request_id, list(prompt_token_ids), params, list(output_token_ids or []),
                                   num_output_chars))
         self.steps.wake()
@@ -155,9 +162,31 @@ class AttentionServer:
                     raise errors[0]
         finally:
             self.streams.pop(request_id, None)
+            self.consumers.pop(request_id, None)
             if not finished:
                 self.shard.abort(request_id)
                 self.steps.wake()
+
+    async def _watch_consumers(self, period_s: float = 2.0) -> None:
+        """Abort the requests whose caller died (an ingress replica killed mid-stream): nothing else tells a
+        shard, and their streams would run on to ``max_tokens`` holding cache blocks."""
+        while self.consumers:
+            await asyncio.sleep(period_s)
+            by_actor: dict = {}
+            for request_id, consumer in list(self.consumers.items()):
+                by_actor.setdefault(consumer._actor_id, (consumer, []))[1].append(request_id)
+            for consumer, request_ids in by_actor.values():
+                try:
+                    await asyncio.wait_for(consumer.__ray_ready__.remote(), 10)
+                except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                    logger.warning("latentmoe %s: the caller of %d request(s) died; aborting them", self.member_id,
+                                   len(request_ids))
+                    for request_id in request_ids:
+                        entry = self.streams.get(request_id)
+                        if entry is not None:
+                            entry[1].put_nowait(ShardGoneError("the caller of this request died"))
+                except Exception:  # noqa: BLE001: slow to answer is not dead
+                    pass
 
     def _publish(self, outputs: list[RequestOutput], errors: dict[str, str]) -> None:
         """The step thread's outputs, to the streams' event loop in one hop."""
@@ -256,9 +285,9 @@ def _deployment():
             self.server = AttentionServer(config, coordinator_name, **options)
 
         async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                           output_token_ids: list[int] | None = None, num_output_chars: int = 0):
+                           output_token_ids: list[int] | None = None, num_output_chars: int = 0, consumer=None):
             async for out in self.server.generate(request_id, prompt_token_ids, params, output_token_ids,
-                                                  num_output_chars):
+                                                  num_output_chars, consumer):
                 yield out
 
         async def stats(self) -> dict:

@@ -273,9 +273,13 @@ def serve_opener(handle):
     """Streams through a Serve handle to the attention deployment (Serve picks the replica by load, and stops
     picking one that died or drains)."""
     stream_handle = handle.options(stream=True)
+    try:  # this ingress replica's own actor: the shard aborts its requests if it dies
+        consumer = ray.get_runtime_context().current_actor
+    except Exception:  # noqa: BLE001: not in an actor
+        consumer = None
 
     def open_stream(request_id, ids, params, tokens, chars, moved=False):
-        return stream_handle.generate.remote(request_id, ids, params, list(tokens), chars)
+        return stream_handle.generate.remote(request_id, ids, params, list(tokens), chars, consumer)
 
     return open_stream
 
