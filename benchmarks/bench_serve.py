@@ -159,19 +159,9 @@ class VllmServer:
         return marked_pids(self.env)
 
     def stop(self, timeout: float = 120, grace: float = 60) -> list[int]:
-        from latentmoe.loadtest.local_server import kill_marked, wait_gone
+        from latentmoe.loadtest.local_server import kill_marked, stop_process_group, wait_gone
 
-        for sig, wait_s in ((signal.SIGINT, timeout), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            if self.proc.poll() is not None:
-                break
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=wait_s)
-            except subprocess.TimeoutExpired:
-                pass
+        stop_process_group(self.proc, timeout)
         left = wait_gone(self.env, grace)
         kill_marked(self.env)
         self.log.close()

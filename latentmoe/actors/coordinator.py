@@ -23,7 +23,6 @@ from latentmoe.actors.metrics import ClusterMetrics
 from latentmoe.actors.names import ROUTER_NAMESPACE
 from latentmoe.actors.placement import EXPERT_RESOURCE
 from latentmoe.cluster.communicator import backend_for
-from latentmoe.cluster.dispatch import DispatchStats
 from latentmoe.cluster.membership import ATTENTION, EXPERT, Member, Membership
 from latentmoe.cluster.placement import ExpertPlacement
 from latentmoe.cluster.telemetry import ExpertLoadWindow
@@ -67,7 +66,6 @@ class Coordinator:
         c = self.model_config
         self.load = ExpertLoadWindow(c.n_routed_experts, num_expert, c.num_experts_per_tok)
         self.metrics = ClusterMetrics()
-        self.totals = DispatchStats(c.n_routed_experts, num_expert, c.num_experts_per_tok)
 
     # ---- start-up, and rebuilding after a restart -----------------------------------------------------------
 

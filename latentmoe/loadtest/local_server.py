@@ -95,6 +95,22 @@ def kill_marked(env: Mapping[str, str]) -> None:
             pass
 
 
+def stop_process_group(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Stop a server started as its own process group as Ctrl-C does: SIGINT; SIGTERM if it still runs after
+    ``timeout`` seconds, SIGKILL 10 s later."""
+    for sig, wait_s in ((signal.SIGINT, timeout), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            break
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait_s)
+        except subprocess.TimeoutExpired:
+            pass
+
+
 class LocalServer:
     """``latentmoe serve`` started with ``env`` (a marker is added when it has none), on free ports.
 
@@ -163,17 +179,7 @@ class LocalServer:
         """Stop the server as Ctrl-C does: SIGINT to its process group; SIGTERM if the CLI still runs after
         ``timeout`` seconds, SIGKILL 10 s later. Every process with its marker then has ``grace`` seconds to
         end before it is killed; returns those that had to be (empty: a clean stop)."""
-        for sig, wait_s in ((signal.SIGINT, timeout), (signal.SIGTERM, 10), (signal.SIGKILL, 10)):
-            if self.proc.poll() is not None:
-                break
-            try:
-                os.killpg(self.proc.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.proc.wait(timeout=wait_s)
-            except subprocess.TimeoutExpired:
-                pass
+        stop_process_group(self.proc, timeout)
         left = wait_gone(self.env, grace)
         kill_marked(self.env)
         return left
