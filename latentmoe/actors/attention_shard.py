@@ -78,6 +78,7 @@ class AttentionServer:
         self._register()
         self._watcher = threading.Thread(target=self._watch, name="latentmoe-watch", daemon=True)
         self._watcher.start()
+        threading.Thread(target=self._gauges, name="latentmoe-gauges", daemon=True).start()
 
     # ---- the control plane ----------------------------------------------------------------------------------
 
@@ -115,6 +116,15 @@ class AttentionServer:
     def _report_load(self, stats: dict) -> None:  # the step thread, about once a second
         cache = self.shard.cache | {"step_s": self.shard.timings["step_s"], "num_steps": self.shard.timings["num_steps"]}
         self.coordinator.report_load.remote(self.member_id, stats, cache)
+        self._set_gauges(cache)
+
+    def _gauges(self) -> None:
+        """Ray drops a gauge's value at each scrape unless it is set again: set them every 2 s, idle or not."""
+        while not self._closed and not self.steps.left.is_set():
+            self._set_gauges(self.shard.cache)
+            time.sleep(2.0)
+
+    def _set_gauges(self, cache: dict) -> None:
         self.metrics.waiting.set(cache.get("num_waiting", 0), tags={"shard": self.member_id})
         self.metrics.running.set(cache.get("num_running", 0), tags={"shard": self.member_id})
         if cache.get("num_blocks"):

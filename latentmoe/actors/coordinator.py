@@ -73,6 +73,7 @@ class Coordinator:
         """Bring up the expert shards and form the first group (idempotent); returns ``info()``."""
         if self._started is None:
             self._started = asyncio.get_running_loop().create_task(self._start())
+            self._gauge_task = asyncio.get_running_loop().create_task(self._gauges())
         await asyncio.shield(self._started)
         return self.info()
 
@@ -338,15 +339,22 @@ class Coordinator:
                 self.metrics.devices.inc(n, tags={"devices": str(devices)})
         if delta.a2a_bytes:
             self.metrics.a2a_bytes.inc(delta.a2a_bytes)
-        recent = self.load.summary(10.0)
-        for layer, value in recent["imbalance_per_layer"].items():
-            self.metrics.layer_imbalance.set(value, tags={"layer": layer})
-        self.metrics.shard_imbalance.set(recent["shard_imbalance"])
+        self._set_gauges()
+
+    async def _gauges(self) -> None:
+        """Ray drops a gauge's value at each scrape unless it is set again: set them every 2 s, idle or not."""
+        while True:
+            self._set_gauges()
+            await asyncio.sleep(2.0)
 
     def _set_gauges(self) -> None:
         group = self.membership.group
         self.metrics.live_shards.set(len(group.attention_ids) if group else 0, tags={"kind": ATTENTION})
         self.metrics.live_shards.set(len(self.membership.experts), tags={"kind": EXPERT})
+        recent = self.load.summary(10.0)
+        for layer, value in recent["imbalance_per_layer"].items():
+            self.metrics.layer_imbalance.set(value, tags={"layer": layer})
+        self.metrics.shard_imbalance.set(recent["shard_imbalance"])
 
     async def expert_load(self, window_s: float = 60.0) -> dict:
         """The (layer x expert) counts, per-shard load and devices per token over the last ``window_s`` seconds."""

@@ -1105,8 +1105,13 @@ def test_ingress_replica_death(server, reference):
         assert all(s.wait(60) for s in started)
         replicas = _processes(server, "ServeReplica:latentmoe:LatentMoEServer")
         assert len(replicas) == 1, replicas
-        busy = httpx.get(server["http"] + "/v1/cache", timeout=10)  # through the replica, before it dies
-        assert busy.json()["num_running"] == len(prompts)
+        deadline = time.time() + 10  # /v1/cache reads the shards' last reports, about once a second
+        while True:
+            busy = httpx.get(server["http"] + "/v1/cache", timeout=10).json()  # through the replica, before it dies
+            if busy["num_running"] == len(prompts) or time.time() > deadline:
+                break
+            time.sleep(0.2)
+        assert busy["num_running"] == len(prompts), busy
         replicas[0].kill()  # SIGKILL
         results = [f.result(timeout=120) for f in futures]
     assert all(isinstance(r, Exception) for r in results), results  # their streams broke
