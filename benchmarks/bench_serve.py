@@ -271,6 +271,41 @@ def summarize(raw: dict) -> dict:
     return out
 
 
+def start_profiles(args: argparse.Namespace, server, result_dir: Path, target: str) -> list:
+    """With ``--profile-s S``: py-spy records each of the server's processes for the client's first S seconds
+    (after a 5 s warm-up), as collapsed stacks (``<target>-<pid>-<title>.txt``, one line per stack and count)."""
+    if not args.profile_s:
+        return []
+    py_spy = shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy")
+    profilers = []
+    for pid in server_pids(server):
+        try:
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if not any(m in title for m in args.profile_match.split(",")):
+            continue
+        name = "".join(c if c.isalnum() else "_" for c in title)[:60]
+        out = result_dir / f"{target}-{pid}-{name}.txt"
+        cmd = [py_spy, "record", "--pid", str(pid), "--duration", str(args.profile_s), "--rate", str(args.profile_rate),
+               "--format", "raw", "--nonblocking", "--threads", "--idle", "--output", str(out)]
+        shell = f"sleep 5; exec {' '.join(cmd)} >{out}.log 2>&1"
+        profilers.append((subprocess.Popen(["bash", "-c", shell]), out, title))
+    return profilers
+
+
+def finish_profiles(profilers: list) -> list[dict]:
+    done = []
+    for proc, out, title in profilers:
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        if out.exists():
+            done.append({"process": title, "file": str(out)})
+    return done
+
+
 def bench_target(target: str, args: argparse.Namespace, model: Path, result_dir: Path) -> dict:
     from latentmoe.loadtest.local_server import rss_mib
 
@@ -305,11 +340,14 @@ def bench_target(target: str, args: argparse.Namespace, model: Path, result_dir:
         if "error" not in record:
             print(f"[{target}] probe answered in {record['probe_s']} s; running vllm bench serve ...", flush=True)
             record["loadavg_at_bench"] = os.getloadavg()
+            profilers = start_profiles(args, server, result_dir, target)
             try:
                 raw, cmd, seconds = run_client(args, server.url, served_name, model, result_dir, target)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 record["error"] = f"vllm bench serve failed: {e}"[-6000:]
                 print(f"[{target}] {record['error']}", flush=True)
+            if profilers:
+                record["profiles"] = finish_profiles(profilers)
         if raw is not None:
             record["client_command"] = cmd
             record["client_s"] = round(seconds, 1)
@@ -392,6 +430,11 @@ def main() -> None:
     ap.add_argument("--ready-timeout", type=float, default=600)
     ap.add_argument("--probe-timeout", type=float, default=180, help="seconds for the probe completion")
     ap.add_argument("--client-timeout", type=float, default=900, help="seconds for vllm bench serve")
+    ap.add_argument("--profile-s", type=int, default=0,
+                    help="py-spy each server process for this many seconds of the run (collapsed stacks)")
+    ap.add_argument("--profile-match", default="AttentionShard",
+                    help="comma-separated parts of process titles to profile (each profiler costs CPU)")
+    ap.add_argument("--profile-rate", type=int, default=50, help="py-spy samples per second")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_serve.json")
     args = ap.parse_args()
 
