@@ -2,6 +2,7 @@
 
     python benchmarks/bench_cluster.py [--model DIR] [--attention-shards 1] [--expert-shards 2]
                                        [--num-prompts 16] [--input-len 64] [--output-len 32]
+                                       [--micro-batches 1,2]
 
 Starts a Ray cluster on this machine (a head, attention nodes and expert nodes, each a
 separate raylet), runs the requests greedily through both engines, checks they give the same
@@ -9,7 +10,10 @@ tokens, and prints generated tokens/s for both, plus the cluster's time per step
 attention compute (attention shard time outside the collectives), expert compute (time in the
 experts on the slowest expert shard), all-to-all (attention time in the collectives, less the
 expert compute it waited for), from the step loops' own counters (no actor drives the steps).
-Saves everything as JSON.
+With several ``--micro-batches`` settings the cluster runs once per setting, one after the other on
+the same cluster (1: one batch per step; 2: ping-pong micro-batches; 0: by batch size). With two
+micro-batches the expert and collective times are lane-seconds (both lanes' counted), so the busy
+fractions can pass 1 where the lanes overlap. Saves everything as JSON.
 """
 
 from __future__ import annotations
@@ -32,8 +36,38 @@ def shard_timings(llm) -> dict:
                ray.get(llm.coordinator.shards.remote(), timeout=60)["expert"]]
     slowest = max(attention, key=lambda t: t["step_s"])
     expert = max(experts, key=lambda t: t["compute_s"])
-    return {"attention": {k: slowest[k] for k in ("step_s", "a2a_s", "num_steps")},
+    return {"attention": {k: slowest.get(k, 0) for k in ("step_s", "a2a_s", "num_steps", "lanes")},
             "expert": {k: expert[k] for k in ("step_s", "compute_s", "num_steps")}}
+
+
+def run_cluster(args, model, prompts, params, timed, micro_batches: int) -> dict:
+    """One timed run on the cluster with ``micro_batches``; -> its figures (and its outputs, under "outputs")."""
+    from latentmoe import LLM, SamplingParams
+
+    llm = LLM(model=model, attention_shards=args.attention_shards, expert_shards=args.expert_shards,
+              micro_batches=micro_batches)
+    try:
+        llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))
+        before = shard_timings(llm)
+        outs, run = timed(llm)
+        after = shard_timings(llm)
+        steps = after["attention"]["num_steps"] - before["attention"]["num_steps"]
+        delta = {side: {k: after[side][k] - before[side][k] for k in after[side]} for side in after}
+        attention_s, a2a_s = delta["attention"]["step_s"], delta["attention"]["a2a_s"]
+        expert_s, compute_s = delta["expert"]["step_s"], delta["expert"]["compute_s"]
+        run["per_step_ms"] = {
+            "attention_step": 1e3 * attention_s / steps,  # one attention shard's step loop, the slowest
+            "attention_compute": 1e3 * (attention_s - a2a_s) / steps,
+            "expert_compute": 1e3 * compute_s / steps,
+            "all_to_all": 1e3 * (a2a_s - compute_s) / steps,  # time in collectives less the experts waited for
+            "expert_busy_fraction": compute_s / expert_s if expert_s else 0.0,
+            "attention_busy_fraction": (attention_s - a2a_s) / attention_s if attention_s else 0.0,
+        }
+        run |= {"steps": steps, "ray_calls_per_step": 0, "micro_batches_per_step":
+                delta["attention"].get("lanes", steps) / steps, "dispatch": llm.dispatch_stats(), "outputs": outs}
+        return run
+    finally:
+        llm.shutdown()
 
 
 def main() -> None:
@@ -44,6 +78,7 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--micro-batches", default="1,2", help="comma-separated EngineConfig.micro_batches settings")
     ap.add_argument("--out", default="results/bench_cluster.json")
     args = ap.parse_args()
 
@@ -81,36 +116,21 @@ def main() -> None:
         cluster.add_node(num_cpus=1, resources={EXPERT_RESOURCE: 1})
     ray.init(address=cluster.address, log_to_driver=False)
     try:
-        llm = LLM(model=model, attention_shards=args.attention_shards, expert_shards=args.expert_shards)
-        llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))
-        before = shard_timings(llm)
-        cluster_outs, result["cluster"] = timed(llm)
-        after = shard_timings(llm)
-        steps = after["attention"]["num_steps"] - before["attention"]["num_steps"]
-        delta = {side: {k: after[side][k] - before[side][k] for k in after[side]} for side in after}
-        attention_s, a2a_s = delta["attention"]["step_s"], delta["attention"]["a2a_s"]
-        expert_s, compute_s = delta["expert"]["step_s"], delta["expert"]["compute_s"]
-        per_step_ms = {
-            "attention_step": 1e3 * attention_s / steps,  # one attention shard's step loop, the slowest
-            "attention_compute": 1e3 * (attention_s - a2a_s) / steps,
-            "expert_compute": 1e3 * compute_s / steps,
-            "all_to_all": 1e3 * (a2a_s - compute_s) / steps,  # time in collectives less the experts waited for
-            "expert_busy_fraction": compute_s / expert_s if expert_s else 0.0,
-            "attention_busy_fraction": (attention_s - a2a_s) / attention_s if attention_s else 0.0,
-        }
-        result["cluster"] |= {"steps": steps, "ray_calls_per_step": 0, "per_step_ms": per_step_ms}
-        result["dispatch"] = llm.dispatch_stats()
-        llm.shutdown()
+        result["cluster"] = {}
+        for setting in [int(m) for m in args.micro_batches.split(",")]:
+            result["cluster"][f"micro_batches={setting}"] = run = run_cluster(args, model, prompts, params, timed,
+                                                                              setting)
+            same = sum(a.token_ids == b.token_ids for a, b in zip(single_outs, run.pop("outputs")))
+            run["identical_outputs"] = f"{same}/{len(prompts)}"
+            run["ratio_cluster_over_single"] = run["tokens_per_s"] / result["single_process"]["tokens_per_s"]
+            print(f"cluster A={args.attention_shards} E={args.expert_shards} micro_batches={setting}: "
+                  f"{run['tokens_per_s']:.1f} tok/s ({run['ratio_cluster_over_single']:.2f}x single process; "
+                  f"identical outputs {same}/{len(prompts)})")
+            print("  per step (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in run["per_step_ms"].items()))
     finally:
         ray.shutdown()
         cluster.shutdown()
-    same = sum(a.token_ids == b.token_ids for a, b in zip(single_outs, cluster_outs))
-    result["identical_outputs"] = f"{same}/{len(prompts)}"
-    result["ratio_cluster_over_single"] = result["cluster"]["tokens_per_s"] / result["single_process"]["tokens_per_s"]
     result["loadavg_after"] = os.getloadavg()
-    print(f"cluster A={args.attention_shards} E={args.expert_shards}: {result['cluster']['tokens_per_s']:.1f} tok/s "
-          f"({result['ratio_cluster_over_single']:.2f}x single process; identical outputs {same}/{len(prompts)})")
-    print("per step (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in per_step_ms.items()))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"saved {args.out}")

@@ -119,6 +119,9 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="Where HTTP listens; 0.0.0.0 exposes it to the network."),
     dtype: str = typer.Option("float32"),
     device: str = typer.Option("cpu", help="cpu, or cuda (one GPU per shard)."),
+    micro_batches: int = typer.Option(0, help="Micro-batches per cluster step: 1, 2 (ping-pong: one runs attention "
+                                      "while the other is at the experts), or 0: by batch size (two on CUDA "
+                                      "from 4 requests; one on CPU)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster (default: the one on this machine; with "
                                               "none running, a local multi-node cluster is started and stopped)."),
     ray_port: int = typer.Option(6379, help="GCS port of the local cluster started when none runs."),
@@ -142,7 +145,7 @@ def serve(
 
     echo = lambda m: typer.echo(m, err=True)  # noqa: E731
     args = {"model": str(model) if model else None, "attention_shards": attention_shards,
-            "expert_shards": expert_shards, "engine": {"dtype": dtype, "device": device},
+            "expert_shards": expert_shards, "engine": {"dtype": dtype, "device": device, "micro_batches": micro_batches},
             "max_replicas": max_replicas, "api_key": api_key or None,
             "target_shard_requests": target_shard_requests, "downscale_delay_s": downscale_delay_s}
     try:

@@ -159,7 +159,7 @@ class LLM:
     def cache_stats(self) -> dict:
         if self.router is None:
             return self.engine.cache_stats()
-        shards = [{k: v for k, v in st.items() if k in _CACHE_KEYS} for st in self._shard_stats()]
+        shards = [{k: v for k, v in st.items() if k in _CACHE_KEYS} for st in self.shard_stats()]
         first = shards[0] if shards else {}
         return {"block_size": first.get("block_size"), "bytes_per_token": first.get("bytes_per_token"),
                 **{k: sum(s.get(k, 0) for s in shards) for k in ("num_blocks", "num_free_blocks", "num_running",
@@ -175,7 +175,7 @@ class LLM:
         c = ModelConfig.from_json(self.model_dir)
         E = self.shard_info["num_expert"]
         total = DispatchStats(c.n_routed_experts, E, c.num_experts_per_tok)
-        for st in self._shard_stats():
+        for st in self.shard_stats():
             if st["dispatch"]:
                 total.merge(DispatchStats.from_dict(st["dispatch"], c.n_routed_experts, E, c.num_experts_per_tok))
         return total.as_dict() | {"max_devices_per_token": self.shard_info["max_devices_per_token"]}
@@ -188,7 +188,8 @@ class LLM:
         return {"attention": [info for _, info in status["attention"]],
                 "expert": [info for _, info in status["expert"]]}
 
-    def _shard_stats(self) -> list[dict]:
+    def shard_stats(self) -> list[dict]:
+        """Each attention shard's own counters: cache, steps, dispatch statistics and step timings."""
         import ray
 
         return ray.get([a.stats.remote() for a in self.attention], timeout=self.timeout_s)

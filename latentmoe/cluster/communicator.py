@@ -124,6 +124,12 @@ class Communicator(ABC):
         row = torch.tensor(values, dtype=torch.long, device=self.device)
         return self.all_to_all(row[None].expand(W, -1), ones, ones).tolist()
 
+    def lane(self) -> "Communicator":
+        """A second channel over the same ranks, independent of this one (its collectives match only its own):
+        what a second micro-batch's exchanges run on, while the first one's are in flight. Every rank calls it
+        at the same point. ``NotImplementedError`` where the backend has none."""
+        raise NotImplementedError(f"{type(self).__name__} has no second lane")
+
     @abstractmethod
     def barrier(self) -> None: ...
 
@@ -156,21 +162,32 @@ class GlooCommunicator(Communicator):
             dist.destroy_process_group()
         dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=timeout_s))
+        self._group = None  # the default process group
+        self._timeout_s = timeout_s
+
+    def lane(self) -> "GlooCommunicator":
+        """A gloo process group of its own over the same ranks (``new_group`` is collective)."""
+        other = object.__new__(GlooCommunicator)
+        other.rank, other.world_size, other._dist, other._timeout_s = (self.rank, self.world_size, self._dist,
+                                                                        self._timeout_s)
+        other._start_counting()
+        other._group = self._dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=self._timeout_s))
+        return other
 
     def _all_to_all(self, send, send_splits, recv_splits):
         if self.world_size == 1:
             return send.clone(), Traffic.zero(1)
         out = torch.empty((sum(recv_splits), *send.shape[1:]), dtype=send.dtype)
-        self._dist.all_to_all_single(out, send, recv_splits, send_splits)
+        self._dist.all_to_all_single(out, send, recv_splits, send_splits, group=self._group)
         row = _row_numel(send)
         return out, transfer_traffic(self.rank, self.world_size, peer_transfers(send_splits, row),
                                      peer_transfers(recv_splits, row), send.element_size())
 
     def barrier(self):
-        self._dist.barrier()
+        self._dist.barrier(group=self._group)
 
     def close(self):
-        if self._dist.is_initialized():
+        if self._group is None and self._dist.is_initialized():  # the default group: every lane goes with it
             self._dist.destroy_process_group()
 
 

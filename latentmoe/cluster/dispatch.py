@@ -20,6 +20,7 @@ W world size, M rows sent (Σ over tokens of distinct shards reached), D hidden.
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
@@ -126,13 +127,16 @@ def unpack_rows(payload: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> 
 
 
 class AttentionDispatcher:
-    """The attention side of the exchange; ``routed(layer, h, ids, weights)`` is the model's ``routed_fn``."""
+    """The attention side of the exchange; ``routed(layer, h, ids, weights)`` is the model's ``routed_fn``.
+
+    The dispatchers of one shard's micro-batches (one per lane) share ``stats`` and the lock that guards it."""
 
     def __init__(self, comm: Communicator, placement: ExpertPlacement, expert_ranks: list[int], max_k: int,
-                 num_experts: int):
+                 num_experts: int, stats: DispatchStats | None = None, lock: threading.Lock | None = None):
         self.comm, self.placement, self.expert_ranks = comm, placement, expert_ranks
         self.shard_of_expert, self.slot_of_expert = placement.tensors()
-        self.stats = DispatchStats(num_experts, placement.num_shards, max_k)
+        self.stats = stats if stats is not None else DispatchStats(num_experts, placement.num_shards, max_k)
+        self.lock = lock or threading.Lock()
         self.a2a_seconds = 0.0  # time spent in the collectives (waiting for the expert shards included)
 
     def routed(self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
@@ -158,9 +162,10 @@ class AttentionDispatcher:
         routed.index_add_(0, plan.token_index, partial.float())
         K = topk_ids.shape[1]
         hidden_bytes = h.shape[1] * h.element_size()
-        self.stats.record(layer, topk_ids, plan, bytes_per_row=2 * hidden_bytes + 2 * K * 4)  # + slots, weights
-        self.stats.a2a_bytes += rows_bytes
-        self.stats.a2a_counts_bytes += counts_bytes
+        with self.lock:
+            self.stats.record(layer, topk_ids, plan, bytes_per_row=2 * hidden_bytes + 2 * K * 4)  # + slots, weights
+            self.stats.a2a_bytes += rows_bytes
+            self.stats.a2a_counts_bytes += counts_bytes
         return routed.to(h.dtype)
 
 

@@ -7,10 +7,18 @@ An expert shard holds a slice of the routed experts of every MoE layer and no pe
 state. Every ``step`` call on every shard is one lockstep step of the collective group: each
 shard goes through the MoE layers' exchanges in the same order, with empty splits when it has
 nothing to send.
+
+A step may run as two micro-batches (ping-pong): each on a lane of its own (a second communicator over
+the same ranks) and a thread of its own, on every shard. While one micro-batch's tokens are at the experts,
+the other runs attention; the expert shards serve the two lanes in two threads. Within a lane the
+exchanges go layer by layer, as with one batch, so each lane's collectives match on every rank.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
+import logging
 import os
 import threading
 import time
@@ -28,6 +36,69 @@ from latentmoe.cluster.placement import ExpertPlacement
 from latentmoe.engine.sampling_params import SamplingParams
 from latentmoe.kernels import set_kernels, use_triton
 from latentmoe.model.loader import load_model, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+# with micro_batches 0 (by batch size): two micro-batches once an attention shard has this many requests
+AUTO_MICRO_BATCH_REQUESTS = 4
+
+
+def max_lanes(config: EngineConfig) -> int:
+    """Micro-batches a step may run as. ``micro_batches`` 0 (by batch size) means two on CUDA only: on CPU
+    shards that share cores, two lanes measured slower than one (``benchmarks/bench_cluster.py``: 0.90x on
+    2 cores, the lanes' threads contend for the same cores and the GIL)."""
+    if config.micro_batches == 0:
+        return 2 if torch.device(config.device).type == "cuda" else 1
+    return config.micro_batches
+
+
+def open_lanes(comm: Communicator, lanes: int) -> list[Communicator]:
+    """The communicators a member's micro-batches run on: ``comm``, and a second lane when ``lanes`` is 2.
+    Every member of a group calls it with the same setting (it is collective)."""
+    if lanes == 1:
+        return [comm]
+    try:
+        return [comm, comm.lane()]
+    except NotImplementedError as e:
+        logger.warning("latentmoe: one micro-batch per step: %s", e)
+        return [comm]
+
+
+def split_chunks(chunks: list, lanes: int) -> list[list]:
+    """The step's chunks as ``lanes`` contiguous runs (so the logits keep the chunks' order), the two balanced
+    by tokens; the second is empty when there is one chunk."""
+    if lanes == 1:
+        return [chunks]
+    if len(chunks) < 2:
+        return [chunks, []]
+    total = sum(c.num_tokens for c in chunks)
+    best, best_gap, run = 1, None, 0
+    for i in range(1, len(chunks)):
+        run += chunks[i - 1].num_tokens
+        gap = abs(total - 2 * run)
+        if best_gap is None or gap < best_gap:
+            best, best_gap = i, gap
+    return [chunks[:best], chunks[best:]]
+
+
+class _Lanes:
+    """Runs ``fn(lane)`` for lanes 1.. on threads of their own and lane 0 on the caller's; returns the results
+    in lane order. A lane that fails raises after every lane has ended."""
+
+    def __init__(self):
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def run(self, fn: Callable[[int], object], lanes: int) -> list:
+        if lanes == 1:
+            return [fn(0)]
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="latentmoe-lane")
+        other = self._pool.submit(fn, 1)
+        try:
+            first = fn(0)
+        finally:
+            second = other.result()  # a failed collective fails the other lane's too (within its timeout)
+        return [first, second]
 
 
 def shard_threads(assigned_cpus: float | None, cores: int | None = None) -> int:
@@ -68,7 +139,8 @@ class AttentionShard:
         self.publish = publish or (lambda outputs, errors: None)
         self.report_load = report_load or (lambda stats: None)
         self._stats_sent = 0.0
-        self.dispatcher: AttentionDispatcher | None = None
+        self.dispatchers: list[AttentionDispatcher] = []  # one per lane
+        self._lanes = _Lanes()
         self.engine = LLMEngine(config, expert_ids=[], routed_fn=self._routed)
         self.model_config = self.engine.model_config
         self.hidden_dtype = resolve_dtype(config.dtype)
@@ -92,21 +164,46 @@ class AttentionShard:
 
     # ---- the step loop's thread -------------------------------------------------------------------------------
 
+    @property
+    def dispatcher(self) -> AttentionDispatcher | None:
+        return self.dispatchers[0] if self.dispatchers else None
+
     def connect(self, comm: Communicator, group: Group) -> None:
         """Join a (new) collective group; the ranks may have moved. Statistics carry over."""
         c = self.model_config
-        previous = self.dispatcher
-        self.dispatcher = AttentionDispatcher(comm, self.placement, group.expert_ranks, c.num_experts_per_tok,
-                                              c.n_routed_experts)
-        if previous is not None:
-            self.dispatcher.stats, self.dispatcher.a2a_seconds = previous.stats, previous.a2a_seconds
+        previous = self.dispatchers
+        stats, lock = (previous[0].stats, previous[0].lock) if previous else (None, None)
+        self.dispatchers = [AttentionDispatcher(lane, self.placement, group.expert_ranks, c.num_experts_per_tok,
+                                                c.n_routed_experts, stats=stats, lock=lock)
+                            for lane in open_lanes(comm, max_lanes(self.engine.config))]
+        self.dispatchers[0].a2a_seconds = sum(d.a2a_seconds for d in previous)
 
     def num_work(self) -> int:
         return len(self.engine.requests) + self._num_queued
 
+    def lanes_wanted(self) -> int:
+        """Micro-batches for the next step (the group runs the most any member wants)."""
+        if len(self.dispatchers) < 2:
+            return 1
+        if self.engine.config.micro_batches == 2:
+            return 2
+        return 2 if self.num_work() >= AUTO_MICRO_BATCH_REQUESTS else 1
+
     def _routed(self, layer, h, topk_ids, topk_weights):
         assert self.dispatcher is not None, "attention shard stepped before its collective group was formed"
         return self.dispatcher.routed(layer, h, topk_ids, topk_weights)
+
+    def _execute(self, lanes: int, chunks: list) -> torch.Tensor:
+        """The forward pass of the step's chunks, as ``lanes`` micro-batches (logits in the chunks' order)."""
+        parts = split_chunks(chunks, lanes)
+
+        def lane(k: int) -> torch.Tensor:
+            if not parts[k]:  # nothing for this lane: it still joins every exchange
+                self._idle_lane(k)
+                return torch.empty(0, self.model_config.vocab_size, device=self.engine.device)
+            return self.engine.runner.execute(parts[k], self.dispatchers[k].routed)
+
+        return torch.cat(self._lanes.run(lane, lanes))
 
     def _apply_inbox(self) -> tuple[list[RequestOutput], dict[str, str]]:
         with self._inbox_lock:
@@ -126,36 +223,42 @@ class AttentionShard:
                 errors[item.request_id] = str(e)
         return outputs, errors
 
-    def step(self) -> None:
+    def step(self, lanes: int = 1) -> None:
         start = time.perf_counter()
-        a2a_before = self.dispatcher.a2a_seconds
+        lanes = min(lanes, len(self.dispatchers))
+        a2a_before = sum(d.a2a_seconds for d in self.dispatchers)
         outputs, errors = self._apply_inbox()
         if outputs or errors:  # aborts and refusals are final whatever the step does
             self.publish(outputs, errors)
         passes = self.engine.num_forward_passes
-        outputs = self.engine.step()
+        outputs = self.engine.step(execute=functools.partial(self._execute, lanes))
         if self.engine.num_forward_passes == passes:
-            self.idle_pass()
+            self.idle_pass(lanes)
         self.cache = self.engine.cache_stats()
         self.num_requests = len(self.engine.requests)
         self.timings["step_s"] += time.perf_counter() - start
-        self.timings["a2a_s"] += self.dispatcher.a2a_seconds - a2a_before
+        # lane-seconds: with two micro-batches, both lanes' waits count
+        self.timings["a2a_s"] += sum(d.a2a_seconds for d in self.dispatchers) - a2a_before
         self.timings["num_steps"] += 1
+        self.timings["lanes"] = self.timings.get("lanes", 0) + lanes
         if outputs:
             self.publish(outputs, {})
         if time.monotonic() - self._stats_sent >= self.STATS_INTERVAL_S or not self.engine.has_unfinished:
             self._stats_sent = time.monotonic()
             self.report_load(self.stats())
 
-    def idle_pass(self) -> None:
-        """Join every MoE layer's exchange with no tokens, so the expert shards and the other attention
-        shards are not left waiting."""
+    def idle_pass(self, lanes: int = 1) -> None:
+        """Join every MoE layer's exchange with no tokens, on each lane, so the expert shards and the other
+        attention shards are not left waiting."""
+        self._lanes.run(self._idle_lane, lanes)
+
+    def _idle_lane(self, lane: int) -> None:
         c = self.model_config
         empty = torch.empty(0, c.hidden_size, dtype=self.hidden_dtype, device=self.engine.device)
         ids = torch.empty(0, c.num_experts_per_tok, dtype=torch.long, device=self.engine.device)
         weights = torch.empty(0, c.num_experts_per_tok, dtype=torch.float32, device=self.engine.device)
         for layer in c.moe_layers:
-            self._routed(layer, empty, ids, weights)
+            self.dispatchers[lane].routed(layer, empty, ids, weights)
 
     def stats(self) -> dict:
         return self.dispatcher.stats.as_dict() if self.dispatcher else {}
@@ -175,27 +278,40 @@ class ExpertShard:
         self.config = self.model.config
         self.moe_layers = [layer.mlp.experts for layer in self.model.model.layers if layer.is_moe]
         set_kernels(self.model, use_triton(config.kernels, self.device))
-        self.comm: Communicator | None = None
+        self.max_lanes = max_lanes(config)
+        self.comms: list[Communicator] = []  # one per lane
+        self._lanes = _Lanes()
         self.num_rows = 0
         self.timings = {"step_s": 0.0, "compute_s": 0.0, "num_steps": 0}
 
+    @property
+    def comm(self) -> Communicator | None:
+        return self.comms[0] if self.comms else None
+
     def connect(self, comm: Communicator, group: Group) -> None:
-        self.comm = comm
+        self.comms = open_lanes(comm, self.max_lanes)
 
     def num_work(self) -> int:
         return 0
 
-    @torch.no_grad()
-    def step(self) -> None:
-        """Serve one step: every MoE layer's exchange, in order."""
-        assert self.comm is not None, "expert shard stepped before its collective group was formed"
+    def lanes_wanted(self) -> int:
+        return 1  # the attention shards decide
+
+    def step(self, lanes: int = 1) -> None:
+        """Serve one step: every MoE layer's exchange, in order, on each lane (two lanes: two threads)."""
+        assert self.comms, "expert shard stepped before its collective group was formed"
         start = time.perf_counter()
+        done = self._lanes.run(self._serve_lane, min(lanes, len(self.comms)))
+        self.num_rows += sum(rows for rows, _ in done)
+        self.timings["step_s"] += time.perf_counter() - start
+        self.timings["compute_s"] += sum(seconds for _, seconds in done)  # lane-seconds
+        self.timings["num_steps"] += 1
+
+    @torch.no_grad()
+    def _serve_lane(self, lane: int) -> tuple[int, float]:
         rows, compute = 0, 0.0
         for experts in self.moe_layers:
-            n, seconds = expert_exchange(self.comm, experts, self.config.hidden_size,
+            n, seconds = expert_exchange(self.comms[lane], experts, self.config.hidden_size,
                                          self.config.num_experts_per_tok, self.dtype, self.device)
             rows, compute = rows + n, compute + seconds
-        self.num_rows += rows
-        self.timings["step_s"] += time.perf_counter() - start
-        self.timings["compute_s"] += compute
-        self.timings["num_steps"] += 1
+        return rows, compute

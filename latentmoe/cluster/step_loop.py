@@ -1,15 +1,16 @@
 """The lockstep step loop every shard runs on its own thread: no actor drives the steps.
 
-Each step starts with one small collective that carries every member's work count and the newest
-epoch it has been told of. When the counts sum to zero, every member parks on its doorbell; a member
-that gets work rings everyone's doorbell (a TCP connection to each, carrying the epoch and the number of
-the round it is about to enter: control only, and only on the idle -> busy edge), and all step again. A
-parked member enters a round only with work of its own, a ring for exactly that round, or word of a new
-group, so no member ever waits alone in a collective (a late ring, for a round already run, is ignored). When any member has been told of a newer epoch, every member
-switches to that group at this boundary (the coordinator tells them all; each waits for its own
-word). A collective that fails (a peer died or hung) ends the group: the member reports the fault and
-waits for the next group. The member itself is a plain object with ``num_work()``, ``step()`` and
-``connect(comm, group)``.
+Each step starts with one small collective that carries every member's work count, the newest epoch
+it has been told of and the micro-batches it wants the step run as (the group runs the most anyone
+wants). When the counts sum to zero, every member parks on its doorbell; a member that gets work rings
+everyone's doorbell (a TCP connection to each, carrying the epoch and the number of the round it is
+about to enter: control only, and only on the idle -> busy edge), and all step again. A parked member
+enters a round only with work of its own, a ring for exactly that round, or word of a new group, so no
+member ever waits alone in a collective (a late ring, for a round already run, is ignored). When any
+member has been told of a newer epoch, every member switches to that group at this boundary (the
+coordinator tells them all; each waits for its own word). A collective that fails (a peer died or
+hung) ends the group: the member reports the fault and waits for the next group. The member itself is
+a plain object with ``num_work()``, ``lanes_wanted()``, ``step(lanes)`` and ``connect(comm, group)``.
 """
 
 from __future__ import annotations
@@ -30,7 +31,9 @@ logger = logging.getLogger(__name__)
 class Stepper(Protocol):
     def num_work(self) -> int: ...  # tokens (requests) it has to run; 0 for expert shards
 
-    def step(self) -> None: ...  # one lockstep step (raises when a collective fails)
+    def lanes_wanted(self) -> int: ...  # micro-batches it would run the next step as (the group takes the most)
+
+    def step(self, lanes: int) -> None: ...  # one lockstep step as ``lanes`` micro-batches (raises if a collective fails)
 
     def connect(self, comm: Communicator, group: Group) -> None: ...
 
@@ -176,7 +179,7 @@ class StepLoop:
         pending = self._pending
         told = pending.epoch if pending is not None else 0
         try:
-            rows = self.comm.all_gather_ints([self.stepper.num_work(), told])  # [W, 2]
+            rows = self.comm.all_gather_ints([self.stepper.num_work(), told, self.stepper.lanes_wanted()])  # [W, 3]
         except Exception as e:  # noqa: BLE001: a peer died or hung
             self._fault(e)
             return
@@ -191,7 +194,7 @@ class StepLoop:
             return
         self.parked = False
         try:
-            self.stepper.step()
+            self.stepper.step(max(1, max(r[2] for r in rows)))
         except Exception as e:  # noqa: BLE001
             self._fault(e)
             return

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -326,7 +327,9 @@ class LLMEngine:
                 request.num_prompt_logprobs += 1
             request.prompt_logprobs[q] = d
 
-    def step(self) -> list[RequestOutput]:
+    def step(self, execute: Callable[[list], torch.Tensor] | None = None) -> list[RequestOutput]:
+        """Schedule, run and sample one step. ``execute(chunks) -> logits`` runs the chunks' forward pass in
+        place of the runner's own (an attention shard runs it as micro-batches)."""
         scheduled = self.scheduler.schedule()
         self.num_preemptions += len(scheduled.preempted)
         if not scheduled.chunks:
@@ -335,7 +338,7 @@ class LLMEngine:
         for chunk in chunks:
             chunk.all_logits = self._wants_prompt_logprobs(chunk)
         self.cache.copy_blocks(scheduled.copies)
-        logits = self.runner.execute(chunks, self.routed_fn)
+        logits = execute(chunks) if execute is not None else self.runner.execute(chunks, self.routed_fn)
         self.num_forward_passes += 1
         self.num_tokens_run += scheduled.num_tokens
         row, sampling = 0, []  # (sequence, its logits row)

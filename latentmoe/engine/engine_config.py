@@ -25,6 +25,10 @@ class EngineConfig:
     kernels: str = "auto"
     prefill_mla: str = "naive"  # "naive" (materialised K/V) or "absorbed"
     seed: int = 0  # for unseeded sampled requests
+    # disaggregated cluster: micro-batches per step (ping-pong: while one's tokens are at the experts, the other
+    # runs attention). 1: one batch; 2: two; 0: on CUDA, two when an attention shard has at least 4 requests, else
+    # one; on CPU one (measured faster where shards share cores)
+    micro_batches: int = 0
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -38,6 +42,8 @@ class EngineConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}")
+        if self.micro_batches not in (0, 1, 2):
+            raise ValueError(f"micro_batches must be 0 (by batch size), 1 or 2, got {self.micro_batches!r}")
         if self.prefill_mla not in ("naive", "absorbed"):
             raise ValueError(f"prefill_mla must be 'naive' or 'absorbed', got {self.prefill_mla!r}")
 

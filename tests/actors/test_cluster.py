@@ -63,10 +63,13 @@ async def staggered(client, prompts, params) -> list[list[int]]:
                                   TIMEOUT)
 
 
-@pytest.mark.parametrize("num_attention,num_expert", [(1, 1), (1, 2), (1, 4), (2, 1), (2, 2), (2, 4)])
-def test_cluster_equals_single_process(cluster, tiny_dir, prompts, expected, num_attention, num_expert):
+@pytest.mark.parametrize("num_attention,num_expert,micro_batches",
+                         [(1, 1, 1), (1, 2, 1), (1, 2, 2), (1, 4, 1), (2, 1, 1), (2, 2, 1), (2, 2, 2), (2, 4, 1)])
+def test_cluster_equals_single_process(cluster, tiny_dir, prompts, expected, num_attention, num_expert,
+                                       micro_batches):
+    """``micro_batches=2``: every step as two micro-batches on two lanes (ping-pong), the same tokens."""
     llm = LLM(model=str(tiny_dir), attention_shards=num_attention, expert_shards=num_expert, block_size=16,
-              num_blocks=64, timeout_s=TIMEOUT)
+              num_blocks=64, timeout_s=TIMEOUT, micro_batches=micro_batches)
     try:
         info = llm.shards()
         # the actors really are on the nodes of their role
@@ -100,6 +103,9 @@ def test_cluster_equals_single_process(cluster, tiny_dir, prompts, expected, num
 
         cache = llm.cache_stats()
         assert cache["num_free_blocks"] == cache["num_blocks"] == 64 * num_attention
+        if micro_batches == 2:  # the steps really ran as two micro-batches
+            timings = [st["timings"] for st in llm.shard_stats()]
+            assert all(t["lanes"] == 2 * t["num_steps"] for t in timings), timings
     finally:
         llm.shutdown()
 

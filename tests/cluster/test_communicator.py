@@ -145,3 +145,39 @@ def test_nccl_one_rank_group():
     assert torch.equal(comm.all_to_all(send, [5], [5]), send)
     assert comm.traffic == Traffic([0], [0])  # a rank's own rows stay on it
     comm.close()
+
+
+def _lanes_worker(rank, world, address, results):
+    """Two threads, each with its own lane, run their collectives at different paces: each matches only its own."""
+    import random
+    import threading
+    import time
+
+    comm = GlooCommunicator(rank, world, address, timeout_s=120)
+    lanes = [comm, comm.lane()]
+    got = {}
+
+    def run(lane: int) -> None:
+        rng = random.Random(10 * rank + lane)
+        values = []
+        for step in range(6):
+            time.sleep(rng.random() * 0.02)
+            rows = lanes[lane].all_gather_ints([100 * lane + step, rank])
+            values.append(rows)
+        got[lane] = values
+
+    threads = [threading.Thread(target=run, args=(lane,)) for lane in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    results[rank] = got
+    comm.close()
+
+
+def test_gloo_lanes_are_independent():
+    world = 3
+    results = run_ranks(_lanes_worker, world)
+    for rank in range(world):
+        for lane in (0, 1):
+            assert results[rank][lane] == [[[100 * lane + step, src] for src in range(world)] for step in range(6)]

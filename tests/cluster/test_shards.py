@@ -1,6 +1,8 @@
 """The plain helpers of the shard classes (the shards themselves are exercised through the cluster tests)."""
 
-from latentmoe.cluster.shards import shard_threads
+import pytest
+
+from latentmoe.cluster.shards import max_lanes, shard_threads, split_chunks
 
 
 def test_shard_threads_follow_the_bundle():
@@ -10,3 +12,30 @@ def test_shard_threads_follow_the_bundle():
     assert shard_threads(0.5, cores=16) == 1  # at least one
     assert shard_threads(None, cores=16) == 1  # an actor given no CPU
     assert shard_threads(8.0, cores=2) == 2  # never more than the cores the process may use
+
+
+def test_split_chunks_keeps_order_and_balances_tokens():
+    from latentmoe.engine.scheduler import Chunk
+
+    def chunks(*sizes):
+        return [Chunk(seq=None, start=0, num_tokens=n, sample=True) for n in sizes]
+
+    whole = chunks(128, 1, 1, 1, 64, 1)
+    first, second = split_chunks(whole, 2)
+    assert first + second == whole  # contiguous, in order: the logits keep the chunks' order
+    assert [c.num_tokens for c in first] == [128] and sum(c.num_tokens for c in second) == 68
+    first, second = split_chunks(chunks(*[1] * 7), 2)
+    assert (len(first), len(second)) == (3, 4)
+    assert split_chunks(chunks(5), 2) == [chunks(5), []]  # one chunk: the second lane only joins the exchanges
+    assert split_chunks(whole, 1) == [whole]
+
+
+def test_max_lanes_by_setting_and_device():
+    from latentmoe.engine.engine_config import EngineConfig
+
+    assert max_lanes(EngineConfig(model="m", micro_batches=1)) == 1
+    assert max_lanes(EngineConfig(model="m", micro_batches=2)) == 2
+    assert max_lanes(EngineConfig(model="m", micro_batches=0)) == 1  # CPU: measured slower with two
+    assert max_lanes(EngineConfig(model="m", micro_batches=0, device="cuda")) == 2
+    with pytest.raises(ValueError, match="micro_batches must be"):
+        EngineConfig(model="m", micro_batches=3)

@@ -32,7 +32,11 @@ class Jobs:
     def connect(self, comm, group) -> None:
         self.comm = comm
 
-    def step(self) -> None:
+    def lanes_wanted(self) -> int:
+        return 1
+
+    def step(self, lanes: int) -> None:
+        assert lanes == 1
         self.comm.all_gather_ints([self.jobs])
         self.jobs = max(0, self.jobs - 1)
 
