@@ -78,6 +78,9 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=16)
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=32)
+    ap.add_argument("--omp-wait-policy", default=None, choices=["ACTIVE", "PASSIVE"],
+                    help="OMP_WAIT_POLICY for the shards (default: theirs, PASSIVE); the single process keeps this "
+                         "process's")
     ap.add_argument("--micro-batches", default="1,2", help="comma-separated EngineConfig.micro_batches settings")
     ap.add_argument("--out", default="results/bench_cluster.json")
     args = ap.parse_args()
@@ -109,6 +112,8 @@ def main() -> None:
     single_outs, result["single_process"] = timed(single)
     print(f"single process: {result['single_process']['tokens_per_s']:.1f} tok/s")
 
+    if args.omp_wait_policy:  # the shard actors' runtime_env takes it from here (shard_runtime_env)
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     for _ in range(args.attention_shards):
         cluster.add_node(num_cpus=1, resources={ATTENTION_RESOURCE: 1})

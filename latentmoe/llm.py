@@ -67,6 +67,7 @@ class LLM:
         from latentmoe.actors.attention_shard import AttentionShardActor
         from latentmoe.actors.cluster import has_role_nodes, start_coordinator
         from latentmoe.actors.engine_client import ShardClient, actor_opener
+        from latentmoe.cluster.shards import shard_runtime_env
         from latentmoe.actors.placement import ATTENTION_RESOURCE
         from latentmoe.model.tokenizer import Tokenizer
 
@@ -79,7 +80,8 @@ class LLM:
 
         def new_shard():
             return AttentionShardActor.options(num_cpus=1, num_gpus=1 if gpu else 0, resources=resources,
-                                               max_concurrency=10_000, enable_task_events=False).remote(
+                                               max_concurrency=10_000, runtime_env=shard_runtime_env(),
+                                               enable_task_events=False).remote(
                 config, name, collective_timeout_s=step_timeout_s / 2, start_timeout_s=timeout_s,
                 max_num_requests=1 << 20)
 

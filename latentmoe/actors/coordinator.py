@@ -25,6 +25,7 @@ from latentmoe.actors.placement import EXPERT_RESOURCE
 from latentmoe.cluster.communicator import backend_for
 from latentmoe.cluster.membership import ATTENTION, EXPERT, Member, Membership
 from latentmoe.cluster.placement import ExpertPlacement
+from latentmoe.cluster.shards import shard_runtime_env
 from latentmoe.cluster.telemetry import ExpertLoadWindow
 from latentmoe.engine.engine_config import EngineConfig
 from latentmoe.model.config import ModelConfig
@@ -128,7 +129,7 @@ class Coordinator:
         handle = ExpertShardActor.options(
             name=name, namespace=ROUTER_NAMESPACE, lifetime="detached", max_restarts=0, num_cpus=1,
             num_gpus=1 if self.gpu else 0, resources=resources, scheduling_strategy="SPREAD",
-            enable_task_events=False).remote(self.config_dict, self.placement, slot, self._self(),
+            runtime_env=shard_runtime_env(), enable_task_events=False).remote(self.config_dict, self.placement, slot, self._self(),
                                              self.incarnations[slot], self.collective_timeout_s)
         timeout_s = self.recovery_timeout_s if self._started.done() else self.start_timeout_s
         try:

@@ -653,7 +653,9 @@ def attention_deployment(parsed: "ServeArgs", config: dict):
     low, high = parsed.attention_range
     gpu = config.get("device", "cpu").startswith("cuda")
     place_by_role = parsed.place_by_role
-    actor_options: dict = {"num_cpus": 1, "num_gpus": 1 if gpu else 0}
+    from latentmoe.cluster.shards import shard_runtime_env
+
+    actor_options: dict = {"num_cpus": 1, "num_gpus": 1 if gpu else 0, "runtime_env": shard_runtime_env()}
     if place_by_role is None:
         place_by_role = _cluster_has_roles()
     if place_by_role:

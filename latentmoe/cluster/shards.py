@@ -101,6 +101,20 @@ class _Lanes:
         return [first, second]
 
 
+# A shard waits in collectives while its peers compute, on cores it may share with them (several shards on a
+# node; on one machine, all of them): OpenMP's idle threads must sleep there, not spin, or they take the
+# cores the peers they wait for need. libgomp spins for a while by default, which suits one process alone
+# (the single-process engine keeps it). Read when a process starts, so the shard actors get it through
+# their runtime_env. Measured by ``benchmarks/bench_cluster.py`` (see its ``--omp-wait-policy``).
+SHARD_ENV_VARS = {"OMP_WAIT_POLICY": "PASSIVE"}
+
+
+def shard_runtime_env() -> dict:
+    """The ``runtime_env`` of a shard actor: ``SHARD_ENV_VARS``, unless this process's environment sets them
+    (``OMP_WAIT_POLICY=ACTIVE latentmoe serve ...`` keeps OpenMP's spinning)."""
+    return {"env_vars": {k: os.environ.get(k, v) for k, v in SHARD_ENV_VARS.items()}}
+
+
 def shard_threads(assigned_cpus: float | None, cores: int | None = None) -> int:
     """Torch intra-op threads for a shard process: the CPUs its bundle holds (whole ones, at least one), no more
     than the cores this process may run on. Without it every shard on a node takes all the cores."""
