@@ -145,7 +145,8 @@ def serve(
 
     echo = lambda m: typer.echo(m, err=True)  # noqa: E731
     args = {"model": str(model) if model else None, "attention_shards": attention_shards,
-            "expert_shards": expert_shards, "engine": {"dtype": dtype, "device": device, "micro_batches": micro_batches},
+            "expert_shards": expert_shards,
+            "engine": {"dtype": dtype, "device": device, "micro_batches": micro_batches},
             "max_replicas": max_replicas, "api_key": api_key or None,
             "target_shard_requests": target_shard_requests, "downscale_delay_s": downscale_delay_s}
     try:

@@ -67,8 +67,8 @@ class LLM:
         from latentmoe.actors.attention_shard import AttentionShardActor
         from latentmoe.actors.cluster import has_role_nodes, start_coordinator
         from latentmoe.actors.engine_client import ShardClient, actor_opener
-        from latentmoe.cluster.shards import shard_runtime_env
         from latentmoe.actors.placement import ATTENTION_RESOURCE
+        from latentmoe.cluster.shards import shard_runtime_env
         from latentmoe.model.tokenizer import Tokenizer
 
         name = f"latentmoe-llm-{uuid.uuid4().hex[:8]}"

@@ -116,7 +116,6 @@ class AttentionServer:
     def _report_load(self, stats: dict) -> None:  # the step thread, about once a second
         cache = self.shard.cache | {"step_s": self.shard.timings["step_s"], "num_steps": self.shard.timings["num_steps"]}
         self.coordinator.report_load.remote(self.member_id, stats, cache)
-        self._set_gauges(cache)
 
     def _gauges(self) -> None:
         """Ray drops a gauge's value at each scrape unless it is set again: set them every 2 s, idle or not."""

@@ -129,8 +129,9 @@ class Coordinator:
         handle = ExpertShardActor.options(
             name=name, namespace=ROUTER_NAMESPACE, lifetime="detached", max_restarts=0, num_cpus=1,
             num_gpus=1 if self.gpu else 0, resources=resources, scheduling_strategy="SPREAD",
-            runtime_env=shard_runtime_env(), enable_task_events=False).remote(self.config_dict, self.placement, slot, self._self(),
-                                             self.incarnations[slot], self.collective_timeout_s)
+            runtime_env=shard_runtime_env(), enable_task_events=False).remote(
+                self.config_dict, self.placement, slot, self._self(), self.incarnations[slot],
+                self.collective_timeout_s)
         timeout_s = self.recovery_timeout_s if self._started.done() else self.start_timeout_s
         try:
             info = await asyncio.wait_for(handle.info.remote(), timeout_s)
@@ -340,7 +341,6 @@ class Coordinator:
                 self.metrics.devices.inc(n, tags={"devices": str(devices)})
         if delta.a2a_bytes:
             self.metrics.a2a_bytes.inc(delta.a2a_bytes)
-        self._set_gauges()
 
     async def _gauges(self) -> None:
         """Ray drops a gauge's value at each scrape unless it is set again: set them every 2 s, idle or not."""

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 
 from latentmoe.cluster.dispatch import DispatchPlan, plan_dispatch
-from latentmoe.cluster.placement import ExpertPlacement
+from latentmoe.cluster.placement import ExpertPlacement, _device_limit
 from latentmoe.model.config import ModelConfig
 
 _MAX_SHARE = 0.9  # a copy takes at most this share of the tokens that could use it; the primary keeps the rest
@@ -399,17 +399,12 @@ def _reach_uniform(config: ModelConfig, primary: list[int], S: int, whole_groups
 
 
 def _describe_limit(config: ModelConfig, S: int, limit: int | None) -> str:
-    if limit is not None:
-        return (f"a token reaches at most {limit} of {S} expert shards: {config.topk_method} keeps topk_group="
-                f"{config.topk_group} of n_group={config.n_group} groups, primaries placed whole, copies used only "
-                "on shards a token already visits")
-    if config.topk_method == "greedy":
-        return (f"no device limit: greedy routing (topk_method 'greedy') has no groups, so a token may reach all "
-                f"{S} expert shards")
-    if not config.group_limited:
-        return f"no device limit: {config.topk_method} over one group (n_group={config.n_group or 1}) limits nothing"
-    return (f"no device limit: n_group={config.n_group} groups cannot be placed whole on {S} expert shards, so "
-            f"experts are packed one by one")
+    """``ExpertPlacement``'s words (``placement._device_limit``), with what copies add to them."""
+    if limit is None and config.group_limited:  # a case ExpertPlacement refuses
+        return (f"no device limit: n_group={config.n_group} groups cannot be placed whole on {S} expert shards, so "
+                f"experts are packed one by one")
+    words = _device_limit(config, S, limit)
+    return words + ", copies used only on shards a token already visits" if limit is not None else words
 
 
 def _check_experts(config: ModelConfig) -> int:

@@ -163,7 +163,7 @@ class AttentionShard:
         self._num_queued = 0
         self.cache = self.engine.cache_stats()  # after the last step (read from other threads)
         self.num_requests = 0  # admitted and not finished (read from other threads)
-        self.timings = {"step_s": 0.0, "a2a_s": 0.0, "num_steps": 0}
+        self.timings = {"step_s": 0.0, "a2a_s": 0.0, "num_steps": 0, "lanes": 0}
 
     # ---- any thread -------------------------------------------------------------------------------------------
 
@@ -254,7 +254,7 @@ class AttentionShard:
         # lane-seconds: with two micro-batches, both lanes' waits count
         self.timings["a2a_s"] += sum(d.a2a_seconds for d in self.dispatchers) - a2a_before
         self.timings["num_steps"] += 1
-        self.timings["lanes"] = self.timings.get("lanes", 0) + lanes
+        self.timings["lanes"] += lanes
         if outputs:
             self.publish(outputs, {})
         if time.monotonic() - self._stats_sent >= self.STATS_INTERVAL_S or not self.engine.has_unfinished:

@@ -33,7 +33,7 @@ class Stepper(Protocol):
 
     def lanes_wanted(self) -> int: ...  # micro-batches it would run the next step as (the group takes the most)
 
-    def step(self, lanes: int) -> None: ...  # one lockstep step as ``lanes`` micro-batches (raises if a collective fails)
+    def step(self, lanes: int) -> None: ...  # one lockstep step as ``lanes`` micro-batches (raises on a fault)
 
     def connect(self, comm: Communicator, group: Group) -> None: ...
 
