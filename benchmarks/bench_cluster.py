@@ -89,7 +89,7 @@ def main() -> None:
     from ray.cluster_utils import Cluster
 
     from latentmoe import LLM, SamplingParams
-    from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
+    from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE, role_node
     from latentmoe.model.tiny import default_model_dir
 
     model = args.model or str(default_model_dir())
@@ -116,9 +116,9 @@ def main() -> None:
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     for _ in range(args.attention_shards):
-        cluster.add_node(num_cpus=1, resources={ATTENTION_RESOURCE: 1})
+        cluster.add_node(num_cpus=1, **role_node(ATTENTION_RESOURCE, 1))
     for _ in range(args.expert_shards):
-        cluster.add_node(num_cpus=1, resources={EXPERT_RESOURCE: 1})
+        cluster.add_node(num_cpus=1, **role_node(EXPERT_RESOURCE, 1))
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         result["cluster"] = {}

@@ -34,13 +34,13 @@ def local_server(model_dir: str, max_body_bytes: int):
     from ray.serve.config import gRPCOptions
 
     from latentmoe.actors.cluster import ROUTER_NAMESPACE, stop_coordinator
-    from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
+    from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE, role_node
     from latentmoe.actors.serve_app import GRPC_SERVICERS, build_app
     from latentmoe.cluster.communicator import free_port
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
-    cluster.add_node(num_cpus=1, resources={ATTENTION_RESOURCE: 1})
-    cluster.add_node(num_cpus=2, resources={EXPERT_RESOURCE: 2})
+    cluster.add_node(num_cpus=1, **role_node(ATTENTION_RESOURCE, 1))
+    cluster.add_node(num_cpus=2, **role_node(EXPERT_RESOURCE, 2))
     ray.init(address=cluster.address, log_to_driver=False)
     http_port, grpc_port = free_port(), free_port()
     try:

@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
 
-from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
+from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE, role_node
 from latentmoe.cluster.communicator import free_port
 from latentmoe.paths import cache_root
 
@@ -254,9 +254,11 @@ def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shar
     roles = [ATTENTION_RESOURCE] * attention_nodes + [EXPERT_RESOURCE] * expert_nodes
     try:
         for role in roles:
+            node = role_node(role, shards_per_node)
             # every raylet on the machine needs its own agent and metrics ports
             args = [ray, "start", f"--address={cluster.address}", f"--num-cpus={cpus_per_node}",
-                    f"--resources={json.dumps({role: shards_per_node})}",
+                    f"--resources={json.dumps(node['resources'])}",
+                    "--labels=" + ",".join(f"{k}={v}" for k, v in node["labels"].items()),
                     f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}", *common]
             cluster.nodes.append({"role": role, "pgid": _start_node(args, env, echo)})
     except BaseException:

@@ -32,6 +32,7 @@ from latentmoe.actors.attention_shard import AttentionShardDeployment, Overloade
 from latentmoe.actors.cluster import start_coordinator
 from latentmoe.actors.engine_client import NoShardError, OutputTimeoutError, ShardClient, serve_opener, unwrap
 from latentmoe.actors.names import COORDINATOR_NAME, INGRESS_DEPLOYMENT
+from latentmoe.actors.placement import off_shard_nodes
 from latentmoe.engine.engine_config import EngineConfig, reject_unknown_keys
 from latentmoe.proto import openai_api as oai
 
@@ -692,5 +693,5 @@ def build_app(args: dict[str, Any] | None = None) -> serve.Application:
                             "target_ongoing_requests": parsed.target_ongoing_requests},
         max_ongoing_requests=parsed.max_ongoing_requests,
         max_queued_requests=parsed.max_queued_requests,
-        ray_actor_options={"num_cpus": parsed.replica_num_cpus},
+        ray_actor_options={"num_cpus": parsed.replica_num_cpus, **off_shard_nodes()},
     ).bind(dict(args or {}), shards)

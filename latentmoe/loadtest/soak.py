@@ -16,6 +16,7 @@ tells clients to. Anything else that is not the expected answer is an error.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import random
@@ -33,6 +34,8 @@ from latentmoe.loadtest.clients import sse_chunks
 from latentmoe.proto import generate_pb2_grpc
 from latentmoe.proto.convert import request_to_proto
 
+GOOD_VARIANTS = ("http_completion", "http_completion_stream", "http_chat", "http_chat_stream", "grpc_generate",
+                 "grpc_stream")
 MEMORY_BOUND_MIB = 200.0  # default bound on the growth of the Ray processes' total RSS, start to end
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # ServeArgs.max_body_bytes' default
 KIND_WEIGHTS = {"good": 0.6, "disconnect": 0.15, "bad": 0.25}
@@ -323,8 +326,7 @@ class _Soak:
     def draw(self, rng: random.Random) -> tuple[str, str, Callable[[], Any]]:
         kind = rng.choices(list(KIND_WEIGHTS), weights=list(KIND_WEIGHTS.values()))[0]
         if kind == "good":
-            variant = rng.choice(["http_completion", "http_completion_stream", "http_chat", "http_chat_stream",
-                                  "grpc_generate", "grpc_stream"])
+            variant = rng.choice(GOOD_VARIANTS)
             case = rng.choice(self.chat_cases if variant.startswith("http_chat") else self.completion_cases)
             return kind, variant, lambda: self.good(variant, case)
         if kind == "disconnect":
@@ -336,6 +338,17 @@ class _Soak:
         variant = rng.choice(sorted(self.bad))
         stream = rng.random() < 0.5
         return kind, variant, lambda: self.bad[variant](stream)
+
+    def every_path(self) -> list[tuple[str, str, Callable[[], Any]]]:
+        """One request of each kind and variant ``draw`` picks from, as ``draw`` returns them."""
+        case, chat = self.completion_cases[0], self.chat_cases[0]
+        sends = [("good", v, functools.partial(self.good, v, chat if v.startswith("http_chat") else case))
+                 for v in GOOD_VARIANTS]
+        sends += [("disconnect", "http_stream", functools.partial(self.disconnect_http, case, 200, 2, 0.0)),
+                  ("disconnect", "grpc_stream", functools.partial(self.disconnect_grpc, case, 200, 2, 0.0))]
+        sends += [("bad", v, functools.partial(self.bad[v], stream))
+                  for v in sorted(self.bad) for stream in (False, True)]
+        return sends
 
     # ---- good ---------------------------------------------------------------------------------------------------
 
@@ -568,8 +581,8 @@ async def run_soak(http_url: str, grpc_target: str, model: str, expected: dict[s
     machine that ``title_of`` names (by default Ray's actors, raylets and GCS) and that belong to the Ray
     cluster at ``ray_address`` (``host:port`` of its GCS; default: the cluster this process is connected to,
     else every Ray process on the machine), sampled every ``sample_every_s``; the start is taken after
-    ``num_warmup`` good requests. ``progress``, if given, is called with a small dict of running figures at
-    each sample. Returns the report (see the module)."""
+    ``num_warmup`` good requests and one request on every path (``_Soak.every_path``). ``progress``, if given,
+    is called with a small dict of running figures at each sample. Returns the report (see the module)."""
     missing = sorted(c.key for c in pool if c.key not in expected)
     if missing:
         raise ValueError(f"expected outputs are missing for {missing}: build them with expected_outputs(llm, pool)")
@@ -591,6 +604,13 @@ async def run_soak(http_url: str, grpc_target: str, model: str, expected: dict[s
             case = soak.completion_cases[i % len(soak.completion_cases)]
             variant = ("http_completion", "grpc_generate")[i % 2]
             await _send(soak, tally, "good", variant, lambda: soak.good(variant, case), t0)
+        # then every path once (each good variant, both dropped streams, each bad request streamed and not), so
+        # that what a process allocates on a path's first use (Serve's proxy, gRPC's buffers) lies before the
+        # start of the memory measurement, and only what grows with the load counts
+        tour = soak.every_path()
+        for kind, variant, send in tour:
+            await _send(soak, tally, kind, variant, send, t0)
+        num_warmup_requests = num_warmup + len(tour)
         mem_start = await asyncio.to_thread(sample_memory, title_of, gcs_port)
         mem_max, num_samples = total_mib(mem_start), 1
         load_start = time.monotonic()
@@ -632,7 +652,8 @@ async def run_soak(http_url: str, grpc_target: str, model: str, expected: dict[s
     if not mem_start:
         memory["note"] = "no matching process on this machine: memory was not measured (is the server elsewhere?)"
     report = {
-        "duration_s": round(load_s, 1), "concurrency": concurrency, "seed": seed, "num_warmup": num_warmup,
+        "duration_s": round(load_s, 1), "concurrency": concurrency, "seed": seed,
+        "num_warmup": num_warmup_requests,
         "model": model, "max_model_len": soak.max_model_len, "max_body_bytes": max_body_bytes,
         "bad_cases": sorted(soak.bad),
         "num_requests": sum(sum(tally.outcomes(k).values()) for k in tally.requests),

@@ -100,19 +100,21 @@ def autoscaling_config(node_types: dict[str, dict], *, head_resources: dict, hea
                        idle_timeout_minutes: float, gcs_address: str) -> dict:
     """The whole cluster config Ray's monitor reads (the keys of Ray's fake_multi_node/example.yaml).
 
-    ``node_types`` maps a type name to ``{"resources": {..., "CPU": n}, "min_workers": k, "max_workers": m}``.
+    ``node_types`` maps a type name to ``{"resources": {..., "CPU": n}, "min_workers": k, "max_workers": m}``
+    and optionally ``"labels": {...}``, the Ray node labels of its nodes (the fake provider starts them with these).
     """
     if HEAD_NODE_TYPE in node_types:
         raise ValueError(f"{HEAD_NODE_TYPE!r} is the head's node type; name the worker types otherwise")
     types = {}
     for name, spec in node_types.items():
-        unknown = set(spec) - {"resources", "min_workers", "max_workers"}
+        unknown = set(spec) - {"resources", "labels", "min_workers", "max_workers"}
         if unknown:
             raise ValueError(f"node type {name!r}: unknown keys {sorted(unknown)}")
         if "CPU" not in spec.get("resources", {}):
             raise ValueError(f"node type {name!r}: resources must name CPU (the raylet's --num-cpus)")
-        types[name] = {"resources": dict(spec["resources"]), "node_config": {},
-                       "min_workers": spec.get("min_workers", 0), "max_workers": spec.get("max_workers", 1)}
+        types[name] = {"resources": dict(spec["resources"]), "labels": dict(spec.get("labels", {})),
+                       "node_config": {}, "min_workers": spec.get("min_workers", 0),
+                       "max_workers": spec.get("max_workers", 1)}
     types[HEAD_NODE_TYPE] = {"resources": {"CPU": head_num_cpus, **head_resources}, "node_config": {},
                              "max_workers": 0}
     return {

@@ -7,7 +7,7 @@ from contextlib import contextmanager
 import ray
 from ray.cluster_utils import Cluster
 
-from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
+from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE, role_node
 
 
 @contextmanager
@@ -18,9 +18,9 @@ def role_cluster(expert_nodes: int = 1, attention_nodes: int = 1, shards_per_nod
     """
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     nodes = {
-        "attention": [c.add_node(num_cpus=shards_per_node, resources={ATTENTION_RESOURCE: shards_per_node})
+        "attention": [c.add_node(num_cpus=shards_per_node, **role_node(ATTENTION_RESOURCE, shards_per_node))
                       for _ in range(attention_nodes)],
-        "expert": [c.add_node(num_cpus=shards_per_node, resources={EXPERT_RESOURCE: shards_per_node})
+        "expert": [c.add_node(num_cpus=shards_per_node, **role_node(EXPERT_RESOURCE, shards_per_node))
                    for _ in range(expert_nodes)],
     }
     ray.init(address=c.address, log_to_driver=False)

@@ -23,7 +23,7 @@ from latentmoe import LLM, SamplingParams
 from latentmoe.actors.cluster import ROUTER_NAMESPACE, stop_coordinator
 from latentmoe.actors.local_cluster import use_ray_auth
 from latentmoe.actors.names import COORDINATOR_NAME
-from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
+from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE, role_labels
 from latentmoe.actors.serve_app import build_app
 from latentmoe.cluster.communicator import free_port
 from tests.actors.autoscaling import start_autoscaling_cluster
@@ -31,8 +31,10 @@ from tests.actors.autoscaling import start_autoscaling_cluster
 IDLE_TIMEOUT_MINUTES = 0.25  # an idle attention node goes after 15 s
 # one shard per attention node; a CPU to spare on each node for what Serve places anywhere (an ingress replica)
 NODE_TYPES = {
-    "attention": {"resources": {"CPU": 2, ATTENTION_RESOURCE: 1}, "min_workers": 1, "max_workers": 2},
-    "expert": {"resources": {"CPU": 3, EXPERT_RESOURCE: 2}, "min_workers": 1, "max_workers": 1},
+    "attention": {"resources": {"CPU": 2, ATTENTION_RESOURCE: 1}, "labels": role_labels(ATTENTION_RESOURCE),
+                  "min_workers": 1, "max_workers": 2},
+    "expert": {"resources": {"CPU": 3, EXPERT_RESOURCE: 2}, "labels": role_labels(EXPERT_RESOURCE),
+               "min_workers": 1, "max_workers": 1},
 }
 APP_ARGS = {"served_model_name": "tiny", "attention_shards": "1:2", "expert_shards": 2, "place_by_role": True,
             "target_shard_requests": 2, "upscale_delay_s": 1.0, "downscale_delay_s": 8.0, "drain_timeout_s": 60.0,

@@ -10,13 +10,15 @@ import time
 import pytest
 import ray
 
-from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
+from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE, role_labels
 from tests.actors.autoscaling import start_autoscaling_cluster
 
 IDLE_TIMEOUT_MINUTES = 0.25  # Ray takes fractions: an idle attention node goes after 15 s
 NODE_TYPES = {
-    "attention": {"resources": {"CPU": 1, ATTENTION_RESOURCE: 1}, "min_workers": 0, "max_workers": 2},
-    "expert": {"resources": {"CPU": 1, EXPERT_RESOURCE: 1}, "min_workers": 1, "max_workers": 1},
+    "attention": {"resources": {"CPU": 1, ATTENTION_RESOURCE: 1}, "labels": role_labels(ATTENTION_RESOURCE),
+                  "min_workers": 0, "max_workers": 2},
+    "expert": {"resources": {"CPU": 1, EXPERT_RESOURCE: 1}, "labels": role_labels(EXPERT_RESOURCE),
+               "min_workers": 1, "max_workers": 1},
 }
 
 

@@ -31,7 +31,7 @@ from latentmoe import LLM, SamplingParams
 from latentmoe.actors.cluster import ROUTER_NAMESPACE, stop_coordinator
 from latentmoe.actors.names import ATTENTION_DEPLOYMENT, COORDINATOR_NAME
 from latentmoe.actors.local_cluster import GRPC_MAX_MESSAGE_BYTES, PROXY_ENV
-from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
+from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE, role_node
 from latentmoe.actors.serve_app import GRPC_SERVICERS, build_app
 from latentmoe.cluster.communicator import free_port
 from latentmoe.proto import generate_pb2 as pb
@@ -60,8 +60,8 @@ def server(tiny_dir):
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "metrics_export_port": metrics_ports[0],
         "_system_config": {"metrics_report_interval_ms": 1000}})
-    attention_node = c.add_node(num_cpus=1, resources={ATTENTION_RESOURCE: 1}, metrics_export_port=metrics_ports[1])
-    c.add_node(num_cpus=2, resources={EXPERT_RESOURCE: 2}, metrics_export_port=metrics_ports[2])
+    attention_node = c.add_node(num_cpus=1, **role_node(ATTENTION_RESOURCE, 1), metrics_export_port=metrics_ports[1])
+    c.add_node(num_cpus=2, **role_node(EXPERT_RESOURCE, 2), metrics_export_port=metrics_ports[2])
     ray.init(address=c.address, log_to_driver=False)
     http_port, grpc_port = free_port(), free_port()
     try:
@@ -1152,6 +1152,8 @@ def test_no_attention_shard_left_gives_503(server):
     coordinator_node = coordinator_status()["node_id"]
     # the coordinator avoids shard nodes (latentmoe.actors.cluster._router_node), whichever node started it
     assert coordinator_node != attention_node_id, (coordinator_node, attention_node_id, nodes)
+    # the ingress replicas (the first, and the one that replaced the replica killed above) avoid role nodes by
+    # label (latentmoe.actors.placement.off_shard_nodes)
     assert all(p.info["ppid"] != server["attention_node"].all_processes["raylet"][0].process.pid
                for p in _processes(server, "ServeReplica:latentmoe:LatentMoEServer"))
     started = threading.Event()

@@ -12,6 +12,8 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
+from latentmoe.actors.placement import ROLE_LABEL, role_labels
+
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "deploy").glob("cluster*.yaml"))
 ROLES = ("attention_node", "expert_node")
@@ -63,10 +65,13 @@ def test_aws_node_types_advertise_their_role_per_gpu():
     types = config["available_node_types"]
     head = types[config["head_node_type"]]
     assert not set(ROLES) & set(head["resources"]) and not head["resources"].get("GPU")
+    assert ROLE_LABEL not in head.get("labels", {})
     for name, role in (("attention", "attention_node"), ("expert", "expert_node")):
         resources = types[name]["resources"]
         assert resources[role] == resources["GPU"] > 0, (name, resources)
         assert not set(ROLES) - {role} & set(resources), (name, resources)
+        # the label the ingress replicas stay off (latentmoe.actors.placement.off_shard_nodes)
+        assert types[name]["labels"] == role_labels(role), (name, types[name].get("labels"))
         assert types[name]["min_workers"] >= 1
     assert sum(t["max_workers"] for n, t in types.items() if n != config["head_node_type"]) <= config["max_workers"]
     assert "--num-gpus=0" in config["head_start_ray_commands"][-1]
@@ -109,6 +114,7 @@ def test_local_worker_role_comes_from_its_address(tmp_path, address, gpus, role,
     assert args[0] == "start"
     assert "--address=10.0.0.1:6379" in args and f"--node-ip-address={address}" in args
     assert f'--resources={{"{role}": {units}}}' in args, args
+    assert f"--labels={ROLE_LABEL}={role_labels(role)[ROLE_LABEL]}" in args, args
 
 
 def test_local_head_uses_autoscaler_v1_and_holds_no_shard():

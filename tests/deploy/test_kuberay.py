@@ -26,6 +26,8 @@ import yaml
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
+from latentmoe.actors.placement import role_labels
+
 REPO = Path(__file__).resolve().parents[2]
 KUBERAY = REPO / "deploy" / "kuberay"
 # KubeRay's CRDs are read where the workspace keeps them (../shared/schemas/kuberay/ next to the repository),
@@ -176,6 +178,7 @@ def test_worker_groups_request_gpus_and_advertise_their_role():
         # KubeRay puts `--resources=<value>` into a shell command line: parse it the way the shell will.
         (resources_json,) = shlex.split(params["resources"])
         assert json.loads(resources_json) == {role: gpus}, params["resources"]
+        assert group["labels"] == role_labels(role), group.get("labels")  # what the ingress replicas stay off
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
         if name == "expert":  # a fixed count: exactly the role units the group advertises
             assert group["replicas"] == group["minReplicas"] == group["maxReplicas"]

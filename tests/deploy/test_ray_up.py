@@ -20,6 +20,7 @@ import pytest
 import yaml
 
 from latentmoe import LLM, SamplingParams
+from latentmoe.actors.placement import ROLE_LABEL
 from tests.deploy import loopback
 from tests.deploy.test_kuberay import check_import_path, load_rayservice
 
@@ -75,6 +76,7 @@ WAIT_FOR_ROLES = textwrap.dedent("""
             break
         time.sleep(1)
     print("NODES=" + json.dumps(nodes))
+    print("LABELS=" + json.dumps({{n["NodeManagerAddress"]: n.get("Labels", {{}}) for n in ray.nodes() if n["Alive"]}}))
 """)
 
 CLIENT = textwrap.dedent("""
@@ -143,6 +145,8 @@ def test_ray_up_serves_and_ray_down(tmp_path, tiny_dir):
         assert nodes[ATTENTION].get("attention_node") == 1 and "expert_node" not in nodes[ATTENTION], nodes
         assert nodes[EXPERT].get("expert_node") == 1 and "attention_node" not in nodes[EXPERT], nodes
         assert not {"attention_node", "expert_node", "GPU"} & set(nodes[HEAD]), nodes
+        labels = marked(out, "LABELS=")
+        assert [labels[ip].get(ROLE_LABEL) for ip in (HEAD, ATTENTION, EXPERT)] == [None, "attention", "expert"], labels
         print(f"ray up: 3 nodes with their roles after {time.monotonic() - start:.0f} s")
 
         ray("exec", str(cfg), f"serve deploy {serve_yaml}", timeout_s=120)

@@ -17,7 +17,7 @@ from ray.serve.config import gRPCOptions
 from typer.testing import CliRunner
 
 from latentmoe.actors.cluster import ROUTER_NAMESPACE, stop_coordinator
-from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE
+from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE, role_node
 from latentmoe.actors.serve_app import GRPC_SERVICERS, build_app
 from latentmoe.cluster.communicator import free_port
 from latentmoe.loadtest.cli import loadtest
@@ -33,8 +33,8 @@ def server(tiny_dir):
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "metrics_export_port": metrics_ports[0],
         "_system_config": {"metrics_report_interval_ms": 1000}})
-    c.add_node(num_cpus=1, resources={ATTENTION_RESOURCE: 1}, metrics_export_port=metrics_ports[1])
-    c.add_node(num_cpus=1, resources={EXPERT_RESOURCE: 1}, metrics_export_port=metrics_ports[2])
+    c.add_node(num_cpus=1, **role_node(ATTENTION_RESOURCE, 1), metrics_export_port=metrics_ports[1])
+    c.add_node(num_cpus=1, **role_node(EXPERT_RESOURCE, 1), metrics_export_port=metrics_ports[2])
     ray.init(address=c.address, log_to_driver=False)
     http_port, grpc_port = free_port(), free_port()
     try:
