@@ -189,6 +189,33 @@ def server_pids(server) -> list[int]:
     return sorted(set(server.pids()) | set(group_pids(server.proc.pid)))
 
 
+def cpu_seconds(pids: list[int]) -> dict[int, tuple[str, float]]:
+    """``pid -> (process title, CPU seconds so far)``, user and system, from /proc (gone processes left out)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        out[pid] = (title, (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_used(before: dict, after: dict, seconds: float) -> dict:
+    """CPU used between two ``cpu_seconds`` snapshots, summed by process title (busiest first), and in all,
+    as seconds and as cores (seconds over the wall time): whether the server had the machine's cores to itself,
+    and who used them."""
+    by_title: dict[str, float] = {}
+    for pid, (title, end) in after.items():
+        used = end - before.get(pid, (title, 0.0))[1]
+        by_title[title] = by_title.get(title, 0.0) + used
+    total = sum(by_title.values())
+    return {"wall_s": round(seconds, 2), "cpu_s": round(total, 2), "cores": round(total / max(seconds, 1e-9), 2),
+            "by_process": {t: round(v, 2) for t, v in sorted(by_title.items(), key=lambda kv: -kv[1]) if v >= 0.05}}
+
+
 def start_latentmoe(args: argparse.Namespace, model: Path, log_path: Path):
     from latentmoe.loadtest.local_server import LocalServer
 
@@ -341,11 +368,19 @@ def bench_target(target: str, args: argparse.Namespace, model: Path, result_dir:
             print(f"[{target}] probe answered in {record['probe_s']} s; running vllm bench serve ...", flush=True)
             record["loadavg_at_bench"] = os.getloadavg()
             profilers = start_profiles(args, server, result_dir, target)
+            cpu_before, cpu_start, mine = cpu_seconds(server_pids(server)), time.monotonic(), os.times()
             try:
                 raw, cmd, seconds = run_client(args, server.url, served_name, model, result_dir, target)
             except (RuntimeError, subprocess.TimeoutExpired) as e:
                 record["error"] = f"vllm bench serve failed: {e}"[-6000:]
                 print(f"[{target}] {record['error']}", flush=True)
+            record["server_cpu"] = cpu_used(cpu_before, cpu_seconds(server_pids(server)),
+                                            time.monotonic() - cpu_start)
+            now = os.times()  # the client is the only child waited for meanwhile
+            record["client_cpu_s"] = round(now.children_user + now.children_system - mine.children_user
+                                           - mine.children_system, 2)
+            print(f"[{target}] CPU while the client ran: server {record['server_cpu']['cores']} cores "
+                  f"({record['server_cpu']['by_process']}), client {record['client_cpu_s']} s", flush=True)
             if profilers:
                 record["profiles"] = finish_profiles(profilers)
         if raw is not None:
@@ -457,14 +492,14 @@ def main() -> None:
                 "attention_shards": args.attention_shards, "expert_shards": args.expert_shards,
                 "vllm_version": vllm_version, "latentmoe": git_head(), "machine": platform.machine(),
                 "cpus": os.cpu_count(), "dtype": "float32", "device": "cpu"}
-    for target in targets:
+    keys = [args.label if (t == "latentmoe" and args.label) else t for t in targets]
+    for target, key in zip(targets, keys):
         rec = bench_target(target, args, model, result_dir)
-        key = args.label if (target == "latentmoe" and args.label) else target
         out["targets"][key] = {"settings": settings, **rec, **({"src": str(args.src)} if args.src else {})}
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2, default=str))  # after each target: a crash keeps the first
     print()
-    print_table({t: out["targets"][t] for t in targets})
+    print_table({k: out["targets"][k] for k in keys})
     print(f"saved {args.out} (vLLM's result files and the logs in {result_dir})")
 
 
