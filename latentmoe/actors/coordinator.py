@@ -17,14 +17,15 @@ import time
 import uuid
 
 import ray
+import torch
 
 from latentmoe.actors.expert_shard import ExpertShardActor, expert_actor_name
 from latentmoe.actors.metrics import ClusterMetrics
 from latentmoe.actors.names import ROUTER_NAMESPACE
 from latentmoe.actors.placement import EXPERT_RESOURCE
 from latentmoe.cluster.communicator import backend_for
+from latentmoe.cluster import eplb
 from latentmoe.cluster.membership import ATTENTION, EXPERT, Member, Membership
-from latentmoe.cluster.placement import ExpertPlacement
 from latentmoe.cluster.shards import shard_runtime_env
 from latentmoe.cluster.telemetry import ExpertLoadWindow
 from latentmoe.engine.engine_config import EngineConfig
@@ -42,7 +43,11 @@ class Coordinator:
         self.model_config = ModelConfig.from_json(self.engine_config.model)
         if self.model_config.n_routed_experts is None:
             raise ValueError("a dense model has no routed experts to put on expert shards")
-        self.placement = ExpertPlacement.build(self.model_config, num_expert)
+        # the expert placement in force (the newest group's), versioned; rebalance() makes the next one
+        self.placement = eplb.ReplicatedPlacement.build(self.model_config, num_expert,
+                                                        self.engine_config.redundant_experts)
+        self.rebalances: list[dict] = []  # the latest placement changes, newest last
+        self._rebalancing = asyncio.Lock()
         self.start_timeout_s, self.step_timeout_s = start_timeout_s, step_timeout_s
         self.recovery_timeout_s = start_timeout_s if recovery_timeout_s is None else recovery_timeout_s
         self.collective_timeout_s = step_timeout_s / 2
@@ -75,6 +80,8 @@ class Coordinator:
         if self._started is None:
             self._started = asyncio.get_running_loop().create_task(self._start())
             self._gauge_task = asyncio.get_running_loop().create_task(self._gauges())
+            if self.engine_config.eplb_interval_s > 0:
+                self._eplb_task = asyncio.get_running_loop().create_task(self._eplb_policy())
         await asyncio.shield(self._started)
         return self.info()
 
@@ -106,6 +113,8 @@ class Coordinator:
             return False
         group = max(groups, key=lambda g: g.epoch)
         self.membership.adopt(group)
+        if group.placement is not None:
+            self.placement = group.placement
         for m in group.members:
             if m.kind == EXPERT:
                 self.handles[m.id] = self.handles[f"slot-{m.slot}"]
@@ -204,7 +213,8 @@ class Coordinator:
         """Form new groups until the membership is what it should be (joins, leaves and faults meanwhile)."""
         for _ in range(10):
             m = self.membership
-            if self.error is not None or not m.complete() or not (m.needs_new_group() or self._broken()):
+            if self.error is not None or not m.complete() or not (m.needs_new_group() or self._broken()
+                                                                  or self._placement_changed()):
                 return
             members = m.next_members()
             try:
@@ -212,7 +222,7 @@ class Coordinator:
             except Exception as e:  # noqa: BLE001: rank 0 is gone: a fault
                 await self._lost([members[0].id], f"expert shard {members[0].slot} did not answer: {e!r}")
                 continue
-            group = m.new_group(self.backend, rendezvous)
+            group = m.new_group(self.backend, rendezvous, self.placement)
             self._set_gauges()
             for member in group.members:
                 if member.kind == EXPERT:
@@ -245,6 +255,94 @@ class Coordinator:
 
     def _broken(self) -> bool:
         return self.membership.epoch in self._recovering
+
+    def _placement_changed(self) -> bool:
+        group = self.membership.group
+        return group is not None and getattr(group.placement, "version", None) != self.placement.version
+
+    # ---- expert load balancing ----------------------------------------------------------------------------------
+
+    async def rebalance(self, force: bool = True, window_s: float | None = None) -> dict:
+        """Build the next expert placement from the expert load of the last ``window_s`` seconds (default
+        ``eplb_window_s``) and switch to it: the expert shards load their new slots while the steps go on, then
+        one group under a new epoch carries the placement, and every member switches at the same step boundary
+        (nothing in flight is lost; outputs do not change: copies hold the same weights). Without ``force``, only
+        if the expert shards' work imbalance is above ``eplb_threshold`` and the new placement lowers it. Returns
+        what it did and why, with its parts' times."""
+        await self.start()
+        window_s = self.engine_config.eplb_window_s if window_s is None else window_s
+        if isinstance(window_s, bool) or not isinstance(window_s, (int, float)) or \
+                not 0 < window_s <= self.load.horizon_s:
+            raise ValueError(f"window_s must be in (0, {self.load.horizon_s:g}], got {window_s!r}")
+        async with self._rebalancing:
+            started = time.monotonic()
+            summary = self.load.summary(float(window_s))
+            rows = list(summary["tokens_per_expert"].values())
+            load = torch.tensor(rows, dtype=torch.float64).sum(0) if rows else None
+            report = {"time": time.time(), "version": self.placement.version, "window_s": window_s,
+                      "forced": force, "changed": False}
+            if load is None or float(load.sum()) == 0:
+                return report | {"reason": f"no expert load measured in the last {window_s:g} s"}
+            S, redundant = self.num_expert, self.engine_config.redundant_experts
+            new = eplb.rebalance(self.model_config, load, S, redundant, version=self.placement.version + 1)
+            before, after = eplb.imbalance(self.placement, load), eplb.imbalance(new, load)
+            report |= {"imbalance_before": round(before, 4), "imbalance_predicted": round(after, 4),
+                       "measured_work_imbalance": summary["shard_work_imbalance"],
+                       "plan_s": round(time.monotonic() - started, 4)}
+            if (new.physical, new.share, new.primary_shard) == (self.placement.physical, self.placement.share,
+                                                                 self.placement.primary_shard):
+                return report | {"reason": "the placement in force is already the balanced one"}
+            if not force and not (before > self.engine_config.eplb_threshold and after < before * 0.95):
+                return report | {"reason": f"imbalance {before:.3f} (threshold {self.engine_config.eplb_threshold:g})"
+                                           f", {after:.3f} after: not worth a switch"}
+            changes = eplb.slot_changes(self.placement, new)
+            group = self.membership.group
+            experts = [m for m in group.members if m.kind == EXPERT]
+            load_start = time.monotonic()
+            loads = await asyncio.gather(*(asyncio.wait_for(self.handles[m.id].prepare.remote(new),
+                                                            self.recovery_timeout_s) for m in experts))
+            report["load_s"] = round(time.monotonic() - load_start, 3)
+            report["shard_load_s"] = [r["load_s"] for r in loads]
+            switch_start = time.monotonic()
+            self.placement = new
+            self._schedule_reform()
+            await asyncio.shield(self._reforming)
+            switched = getattr(self.membership.group.placement, "version", None) == new.version
+            report |= {"changed": switched, "version": self.placement.version, "slots_loaded": len(changes),
+                       "copies": new.num_copies, "epoch": self.membership.epoch,
+                       "switch_s": round(time.monotonic() - switch_start, 3),
+                       "total_s": round(time.monotonic() - started, 3)}
+            if not switched:
+                report["reason"] = "the group did not re-form with the new placement"
+            self.rebalances = (self.rebalances + [report])[-20:]
+            if switched:
+                self.metrics.rebalances.inc()
+                self.metrics.rebalance_seconds.set(report["total_s"])
+            logger.info("latentmoe coordinator: placement v%d: %s", new.version, report)
+            return report
+
+    async def _eplb_policy(self) -> None:
+        """Every ``eplb_interval_s``: rebalance when the imbalance is over the threshold (rate-limited by the
+        interval itself; a failed attempt is logged and tried again next time)."""
+        while True:
+            await asyncio.sleep(self.engine_config.eplb_interval_s)
+            if self.error is not None or self.membership.group is None:
+                continue
+            try:
+                await self.rebalance(force=False)
+            except Exception:  # noqa: BLE001: an expert shard slow or gone: the fault path handles it
+                logger.exception("latentmoe coordinator: rebalancing failed")
+
+    def _experts_per_shard(self) -> list[list[int]]:
+        """The logical experts each expert shard holds (copies included, empty slots left out)."""
+        return [[e for e in self.placement.experts_on(s) if e >= 0] for s in range(self.num_expert)]
+
+    def placement_info(self) -> dict:
+        """The placement in force, for ``/v1/expert-load`` and the dashboard."""
+        p = self.placement
+        return {"version": p.version, "slots_per_shard": p.slots_per_shard, "num_copies": p.num_copies,
+                "copies_per_expert": [len(c) for c in p.copies], "slots": [list(r) for r in p.physical],
+                "primary_shard": list(p.primary_shard), "rebalances": self.rebalances[-5:]}
 
     # ---- faults ---------------------------------------------------------------------------------------------
 
@@ -356,6 +454,9 @@ class Coordinator:
         for layer, value in recent["imbalance_per_layer"].items():
             self.metrics.layer_imbalance.set(value, tags={"layer": layer})
         self.metrics.shard_imbalance.set(recent["shard_imbalance"])
+        self.metrics.shard_work_imbalance.set(recent["shard_work_imbalance"])
+        self.metrics.placement_version.set(self.placement.version)
+        self.metrics.expert_copies.set(self.placement.num_copies)
 
     async def expert_load(self, window_s: float = 60.0) -> dict:
         """The (layer x expert) counts, per-shard load and devices per token over the last ``window_s`` seconds."""
@@ -363,7 +464,8 @@ class Coordinator:
             raise ValueError(f"window_s must be in (0, {self.load.horizon_s:g}], got {window_s!r}")
         return self.load.summary(float(window_s)) | {
             "max_devices_per_token": self.placement.max_devices_per_token,
-            "experts_per_shard": [self.placement.experts_on(s) for s in range(self.num_expert)]}
+            "experts_per_shard": self._experts_per_shard(),
+            "placement": self.placement_info()}
 
     def info(self) -> dict:
         group = self.membership.group
@@ -372,7 +474,7 @@ class Coordinator:
                 "placement": self.placement, "num_expert": self.num_expert, "epoch": self.membership.epoch,
                 "attention_shards": len(group.attention_ids) if group else 0,
                 "expert_shards": len(self.membership.experts), "max_model_len": min(lens) if lens else None,
-                "experts_per_shard": [self.placement.experts_on(s) for s in range(self.num_expert)],
+                "experts_per_shard": self._experts_per_shard(),
                 "max_devices_per_token": self.placement.max_devices_per_token, "error": self.error}
 
     async def status(self) -> dict:

@@ -13,7 +13,6 @@ import ray
 
 from latentmoe.cluster.communicator import new_rendezvous
 from latentmoe.cluster.membership import EXPERT, Group, Member
-from latentmoe.cluster.placement import ExpertPlacement
 from latentmoe.cluster.shards import ExpertShard, shard_threads
 from latentmoe.cluster.step_loop import Doorbell, StepLoop
 from latentmoe.engine.engine_config import EngineConfig
@@ -25,7 +24,7 @@ def expert_actor_name(coordinator_name: str, slot: int) -> str:
 
 @ray.remote
 class ExpertShardActor:
-    def __init__(self, config: dict, placement: ExpertPlacement, slot: int, coordinator, incarnation: int,
+    def __init__(self, config: dict, placement, slot: int, coordinator, incarnation: int,
                  collective_timeout_s: float):
         import torch
 
@@ -49,6 +48,11 @@ class ExpertShardActor:
 
     def assign(self, group: Group) -> None:
         self.steps.assign(group)
+
+    def prepare(self, placement) -> dict:
+        """Load this shard's experts under ``placement`` (a ``ReplicatedPlacement``) while the steps go on; the
+        switch comes with the first group that carries it."""
+        return self.shard.prepare(placement)
 
     def state(self) -> dict:
         """What a restarted coordinator rebuilds from, and what operators look at."""

@@ -71,5 +71,15 @@ class ClusterMetrics:
         self.shard_faults = metrics.Counter("latentmoe_shard_faults_total",
                                             "Shards that died or hung in a step, by kind (attention, expert).",
                                             tag_keys=("kind",))
+        self.shard_work_imbalance = metrics.Gauge("latentmoe_expert_shard_work_imbalance",
+                                                  "Max over mean (token, expert) pairs computed per expert shard, "
+                                                  "last 10 s.")
+        self.placement_version = metrics.Gauge("latentmoe_expert_placement_version",
+                                               "Version of the expert placement in force.")
+        self.expert_copies = metrics.Gauge("latentmoe_expert_copies", "Redundant expert copies in the placement.")
+        self.rebalances = metrics.Counter("latentmoe_expert_rebalances_total",
+                                          "Expert placement changes applied (rebalancing).")
+        self.rebalance_seconds = metrics.Gauge("latentmoe_expert_rebalance_seconds",
+                                               "Time the latest rebalance took, from plan to switch.")
         self.recoveries = metrics.Counter("latentmoe_recoveries_total",
                                           "Faults recovered from: shards replaced, group re-formed, requests kept.")

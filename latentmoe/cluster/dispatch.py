@@ -66,6 +66,7 @@ class DispatchStats:
     max_k: int
     tokens_per_expert: dict[int, list[int]] = field(default_factory=dict)  # layer -> [E]
     tokens_per_shard: list[int] = field(default_factory=list)  # [S], rows sent (token, shard) pairs
+    pairs_per_shard: list[int] = field(default_factory=list)  # [S], (token, expert) pairs computed: the work
     devices_histogram: list[int] = field(default_factory=list)  # [max_k + 1]: tokens reaching n shards
     # bytes the communicator moved (sent + received) in the dispatch and combine: rows with their routing
     # metadata there, partial sums back
@@ -75,6 +76,7 @@ class DispatchStats:
 
     def __post_init__(self):
         self.tokens_per_shard = self.tokens_per_shard or [0] * self.num_shards
+        self.pairs_per_shard = self.pairs_per_shard or [0] * self.num_shards
         self.devices_histogram = self.devices_histogram or [0] * (self.max_k + 1)
 
     def record(self, layer: int, topk_ids: torch.Tensor, plan: DispatchPlan, bytes_per_row: int) -> None:
@@ -83,6 +85,8 @@ class DispatchStats:
         row = self.tokens_per_expert.setdefault(layer, [0] * self.num_experts)
         self.tokens_per_expert[layer] = [a + b for a, b in zip(row, counts)]
         self.tokens_per_shard = [a + b for a, b in zip(self.tokens_per_shard, plan.send_counts)]
+        pairs = [int(rows.sum()) for rows in (plan.slot_ids >= 0).sum(1).split(plan.send_counts)]
+        self.pairs_per_shard = [a + b for a, b in zip(self.pairs_per_shard, pairs)]
         hist = torch.bincount(plan.devices_per_token, minlength=self.max_k + 1).tolist()
         self.devices_histogram = [a + b for a, b in zip(self.devices_histogram, hist)]
         self.ideal_bytes += int(plan.devices_per_token.sum()) * bytes_per_row
@@ -92,6 +96,7 @@ class DispatchStats:
             mine = self.tokens_per_expert.setdefault(layer, [0] * self.num_experts)
             self.tokens_per_expert[layer] = [a + b for a, b in zip(mine, row)]
         self.tokens_per_shard = [a + b for a, b in zip(self.tokens_per_shard, other.tokens_per_shard)]
+        self.pairs_per_shard = [a + b for a, b in zip(self.pairs_per_shard, other.pairs_per_shard)]
         self.devices_histogram = [a + b for a, b in zip(self.devices_histogram, other.devices_histogram)]
         self.a2a_bytes += other.a2a_bytes
         self.a2a_counts_bytes += other.a2a_counts_bytes
@@ -103,6 +108,7 @@ class DispatchStats:
         if d:
             stats.tokens_per_expert = {int(k): list(v) for k, v in d["tokens_per_expert"].items()}
             stats.tokens_per_shard, stats.devices_histogram = list(d["tokens_per_shard"]), list(d["devices_histogram"])
+            stats.pairs_per_shard = list(d.get("pairs_per_shard") or [0] * num_shards)
             stats.a2a_bytes, stats.a2a_counts_bytes = d["a2a_bytes"], d["a2a_counts_bytes"]
             stats.ideal_bytes = d["ideal_bytes"]
         return stats
@@ -110,7 +116,8 @@ class DispatchStats:
     def as_dict(self) -> dict:
         return {
             "tokens_per_expert": {str(k): v for k, v in sorted(self.tokens_per_expert.items())},
-            "tokens_per_shard": self.tokens_per_shard, "devices_histogram": self.devices_histogram,
+            "tokens_per_shard": self.tokens_per_shard, "pairs_per_shard": self.pairs_per_shard,
+            "devices_histogram": self.devices_histogram,
             "a2a_bytes": self.a2a_bytes, "a2a_counts_bytes": self.a2a_counts_bytes, "ideal_bytes": self.ideal_bytes,
         }
 
@@ -129,19 +136,25 @@ def unpack_rows(payload: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> 
 class AttentionDispatcher:
     """The attention side of the exchange; ``routed(layer, h, ids, weights)`` is the model's ``routed_fn``.
 
-    The dispatchers of one shard's micro-batches (one per lane) share ``stats`` and the lock that guards it."""
+    ``placement``: an ``ExpertPlacement``, or a ``ReplicatedPlacement`` (``latentmoe.cluster.eplb``), whose copies
+    of hot experts a token uses on the shards it visits anyway. The dispatchers of one shard's micro-batches (one
+    per lane) share ``stats`` and the lock that guards it."""
 
-    def __init__(self, comm: Communicator, placement: ExpertPlacement, expert_ranks: list[int], max_k: int,
+    def __init__(self, comm: Communicator, placement, expert_ranks: list[int], max_k: int,
                  num_experts: int, stats: DispatchStats | None = None, lock: threading.Lock | None = None):
+        # eplb builds on this module's plan_dispatch
+        from latentmoe.cluster.eplb import ReplicatedPlacement, plan_dispatch_replicated
+
+        self._plan = plan_dispatch_replicated
+        if isinstance(placement, ExpertPlacement):
+            placement = ReplicatedPlacement.from_placement(placement)
         self.comm, self.placement, self.expert_ranks = comm, placement, expert_ranks
-        self.shard_of_expert, self.slot_of_expert = placement.tensors()
         self.stats = stats if stats is not None else DispatchStats(num_experts, placement.num_shards, max_k)
         self.lock = lock or threading.Lock()
         self.a2a_seconds = 0.0  # time spent in the collectives (waiting for the expert shards included)
 
     def routed(self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
-        plan = plan_dispatch(topk_ids, topk_weights, self.shard_of_expert, self.slot_of_expert,
-                             self.placement.num_shards)
+        plan = self._plan(topk_ids, topk_weights, self.placement)
         W = self.comm.world_size
         send_counts = [0] * W
         for shard, rank in enumerate(self.expert_ranks):
@@ -170,10 +183,11 @@ class AttentionDispatcher:
 
 
 def expert_exchange(comm: Communicator, experts, hidden_size: int, k: int, dtype: torch.dtype,
-                    device: torch.device | str = "cpu") -> tuple[int, float]:
+                    device: torch.device | str = "cpu", slot_map: torch.Tensor | None = None) -> tuple[int, float]:
     """The expert side of one MoE layer: receive rows, run ``experts`` (a ``RoutedExperts``), send sums back.
 
-    Returns the number of rows processed and the seconds spent in the experts.
+    ``slot_map [P]``: the index in ``experts`` of each placement slot (the rows carry placement slots); without
+    it they are the same. Returns the number of rows processed and the seconds spent in the experts.
     """
     W = comm.world_size
     recv_counts = comm.exchange_counts([0] * W)
@@ -182,6 +196,8 @@ def expert_exchange(comm: Communicator, experts, hidden_size: int, k: int, dtype
     payload = comm.all_to_all(torch.empty(0, row_bytes, dtype=torch.uint8, device=device), zeros, recv_counts)
     hidden, meta = unpack_rows(payload, hidden_size, dtype)
     slot_ids, weights = meta[:, :k].long(), meta[:, k:]
+    if slot_map is not None and len(slot_ids):
+        slot_ids = torch.where(slot_ids >= 0, slot_map[slot_ids.clamp(min=0)], -1)
     start = time.perf_counter()
     out = experts.moe_impl(hidden, experts.w13, experts.w2, slot_ids, weights) if len(hidden) else hidden
     compute = time.perf_counter() - start

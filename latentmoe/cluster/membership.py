@@ -37,6 +37,9 @@ class Group:
     members: tuple[Member, ...]
     backend: str = "gloo"
     rendezvous: object = None  # tcp://host:port (gloo) or an NCCL unique id
+    # the expert placement in force for this epoch (``latentmoe.cluster.eplb.ReplicatedPlacement``): every member
+    # switches to it at the same step boundary as to the group
+    placement: object = None
 
     def rank_of(self, member_id: str) -> int | None:
         for rank, m in enumerate(self.members):
@@ -112,9 +115,9 @@ class Membership:
         """Every expert slot has a live shard (without one, tokens routed to its experts have nowhere to go)."""
         return len(self.experts) == self.num_expert
 
-    def new_group(self, backend: str, rendezvous) -> Group:
+    def new_group(self, backend: str, rendezvous, placement=None) -> Group:
         assert self.complete(), f"expert slots {sorted(self.experts)} of {self.num_expert}: not all are up"
-        self.group = Group(self.epoch + 1, self.next_members(), backend, rendezvous)
+        self.group = Group(self.epoch + 1, self.next_members(), backend, rendezvous, placement)
         for member_id in self.leaving:  # left: gone with this epoch
             self.attention.pop(member_id, None)
         self.leaving.clear()

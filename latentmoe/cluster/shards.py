@@ -29,6 +29,7 @@ import torch
 
 from latentmoe.cluster.communicator import Communicator
 from latentmoe.cluster.dispatch import AttentionDispatcher, expert_exchange
+from latentmoe.cluster.eplb import ReplicatedPlacement
 from latentmoe.engine.engine import LLMEngine, RequestOutput
 from latentmoe.engine.engine_config import EngineConfig
 from latentmoe.cluster.membership import Group
@@ -146,7 +147,7 @@ class AttentionShard:
 
     STATS_INTERVAL_S = 1.0
 
-    def __init__(self, config: EngineConfig, placement: ExpertPlacement,
+    def __init__(self, config: EngineConfig, placement,
                  publish: Callable[[list[RequestOutput], dict[str, str]], None] | None = None,
                  report_load: Callable[[dict], None] | None = None):
         self.placement = placement
@@ -183,8 +184,11 @@ class AttentionShard:
         return self.dispatchers[0] if self.dispatchers else None
 
     def connect(self, comm: Communicator, group: Group) -> None:
-        """Join a (new) collective group; the ranks may have moved. Statistics carry over."""
+        """Join a (new) collective group; the ranks may have moved, and the expert placement with them (the
+        group's, when it carries one). Statistics carry over."""
         c = self.model_config
+        if group.placement is not None:
+            self.placement = group.placement
         previous = self.dispatchers
         stats, lock = (previous[0].stats, previous[0].lock) if previous else (None, None)
         self.dispatchers = [AttentionDispatcher(lane, self.placement, group.expert_ranks, c.num_experts_per_tok,
@@ -281,28 +285,85 @@ class AttentionShard:
         return self.cache | {"max_model_len": self.engine.max_model_len, "num_requests": self.num_requests}
 
 
+@dataclass
+class ExpertSlots:
+    """The routed experts an expert shard holds under one placement: each MoE layer's ``RoutedExperts`` (the
+    distinct experts of the shard's slots, in id order) and ``slot_map [P]``, the index there of each placement
+    slot (the dispatched rows carry placement slots; copies and rebalanced placements order slots freely)."""
+
+    version: int
+    expert_ids: list[int]  # per placement slot (-1: empty)
+    moe_layers: list
+    slot_map: torch.Tensor
+
+
 class ExpertShard:
-    def __init__(self, config: EngineConfig, placement: ExpertPlacement, shard: int):
-        self.shard = shard
-        self.expert_ids = placement.experts_on(shard)
+    def __init__(self, config: EngineConfig, placement, shard: int):
+        """``placement``: an ``ExpertPlacement`` or a ``ReplicatedPlacement``; this shard loads its slots."""
+        self.shard, self.engine_config = shard, config
         self.dtype = resolve_dtype(config.dtype)
         self.device = torch.device(config.device)
-        self.model = load_model(config.model, dtype=self.dtype, attention=False, expert_ids=self.expert_ids,
-                                device=self.device)
-        self.config = self.model.config
-        self.moe_layers = [layer.mlp.experts for layer in self.model.model.layers if layer.is_moe]
-        set_kernels(self.model, use_triton(config.kernels, self.device))
+        if isinstance(placement, ExpertPlacement):
+            placement = ReplicatedPlacement.from_placement(placement)
+        self.timings = {"step_s": 0.0, "compute_s": 0.0, "num_steps": 0, "load_s": 0.0}
+        self.slots = self._load(placement)
+        self._staged: ExpertSlots | None = None  # the next placement's experts, loaded ahead of its epoch
+        self._stage_lock = threading.Lock()
         self.max_lanes = max_lanes(config)
         self.comms: list[Communicator] = []  # one per lane
         self._lanes = _Lanes()
         self.num_rows = 0
-        self.timings = {"step_s": 0.0, "compute_s": 0.0, "num_steps": 0}
+
+    def _load(self, placement) -> ExpertSlots:
+        """This shard's experts under ``placement``, from the checkpoint."""
+        start = time.perf_counter()
+        slots = placement.experts_on(self.shard)
+        held = sorted({e for e in slots if e >= 0})
+        model = load_model(self.engine_config.model, dtype=self.dtype, attention=False, expert_ids=held,
+                           device=self.device)
+        set_kernels(model, use_triton(self.engine_config.kernels, self.device))
+        self.config = model.config
+        slot_map = torch.tensor([held.index(e) if e >= 0 else -1 for e in slots], dtype=torch.long,
+                                device=self.device)
+        loaded = ExpertSlots(placement.version, slots,
+                             [layer.mlp.experts for layer in model.model.layers if layer.is_moe], slot_map)
+        self.timings["load_s"] += time.perf_counter() - start
+        return loaded
+
+    @property
+    def expert_ids(self) -> list[int]:
+        return self.slots.expert_ids
+
+    @property
+    def moe_layers(self) -> list:
+        return self.slots.moe_layers
+
+    def prepare(self, placement) -> dict:
+        """Load this shard's experts under ``placement`` next to those in use (any thread; the steps go on). The
+        switch happens when a group with that placement is connected. Returns what changed and how long it took."""
+        with self._stage_lock:
+            if placement.version == self.slots.version:
+                return {"version": placement.version, "loaded": False, "load_s": 0.0}
+            start = time.perf_counter()
+            staged = self._load(placement) if placement.experts_on(self.shard) != self.slots.expert_ids else \
+                ExpertSlots(placement.version, self.slots.expert_ids, self.slots.moe_layers, self.slots.slot_map)
+            self._staged = staged
+            return {"version": placement.version, "loaded": staged.moe_layers is not self.slots.moe_layers,
+                    "load_s": round(time.perf_counter() - start, 3)}
 
     @property
     def comm(self) -> Communicator | None:
         return self.comms[0] if self.comms else None
 
     def connect(self, comm: Communicator, group: Group) -> None:
+        placement = group.placement
+        if placement is not None and placement.version != self.slots.version:
+            with self._stage_lock:
+                staged = self._staged
+            if staged is None or staged.version != placement.version:  # not prepared (a replacement shard)
+                self.prepare(placement)
+                staged = self._staged
+            self.slots, self._staged = staged, None
         self.comms = open_lanes(comm, self.max_lanes)
 
     def num_work(self) -> int:
@@ -324,8 +385,9 @@ class ExpertShard:
     @torch.no_grad()
     def _serve_lane(self, lane: int) -> tuple[int, float]:
         rows, compute = 0, 0.0
-        for experts in self.moe_layers:
+        slots = self.slots
+        for experts in slots.moe_layers:
             n, seconds = expert_exchange(self.comms[lane], experts, self.config.hidden_size,
-                                         self.config.num_experts_per_tok, self.dtype, self.device)
+                                         self.config.num_experts_per_tok, self.dtype, self.device, slots.slot_map)
             rows, compute = rows + n, compute + seconds
         return rows, compute

@@ -24,6 +24,7 @@ class LoadDelta:
     time: float
     tokens_per_expert: dict[int, list[int]]  # layer -> [E]
     tokens_per_shard: list[int]
+    pairs_per_shard: list[int]
     devices_histogram: list[int]
     a2a_bytes: int
     ideal_bytes: int
@@ -62,6 +63,8 @@ class ExpertLoadWindow:
             time=now,
             tokens_per_expert={int(k): _sub(v, prev_experts.get(k)) for k, v in snapshot["tokens_per_expert"].items()},
             tokens_per_shard=_sub(snapshot["tokens_per_shard"], prev.get("tokens_per_shard")),
+            pairs_per_shard=_sub(snapshot.get("pairs_per_shard") or [0] * self.num_shards,
+                                 prev.get("pairs_per_shard")),
             devices_histogram=_sub(snapshot["devices_histogram"], prev.get("devices_histogram")),
             a2a_bytes=snapshot["a2a_bytes"] - prev.get("a2a_bytes", 0),
             ideal_bytes=snapshot["ideal_bytes"] - prev.get("ideal_bytes", 0),
@@ -76,7 +79,7 @@ class ExpertLoadWindow:
         """Everything recorded in the last ``window_s`` seconds, with imbalance and the hottest experts."""
         now = time.time() if now is None else now
         experts: dict[int, list[int]] = {}
-        shards = devices = None
+        shards = pairs = devices = None
         a2a = ideal = 0
         for d in self.deltas:
             if d.time < now - window_s:
@@ -84,8 +87,10 @@ class ExpertLoadWindow:
             for layer, counts in d.tokens_per_expert.items():
                 experts[layer] = _add(experts.get(layer), counts)
             shards, devices = _add(shards, d.tokens_per_shard), _add(devices, d.devices_histogram)
+            pairs = _add(pairs, d.pairs_per_shard)
             a2a, ideal = a2a + d.a2a_bytes, ideal + d.ideal_bytes
         shards = shards or [0] * self.num_shards
+        pairs = pairs or [0] * self.num_shards
         devices = devices or [0] * (self.max_k + 1)
         layers = sorted(experts)
         hottest = sorted(((counts[e], layer, e) for layer, counts in experts.items() for e in range(len(counts))),
@@ -98,6 +103,9 @@ class ExpertLoadWindow:
             "tokens_per_shard": shards,
             "imbalance_per_layer": {str(layer): round(imbalance(experts[layer]), 4) for layer in layers},
             "shard_imbalance": round(imbalance(shards), 4),
+            # what each expert shard computed ((token, expert) pairs), and its max over mean: the slowest shard's
+            # share of the experts' work, which expert load balancing lowers
+            "pairs_per_shard": pairs, "shard_work_imbalance": round(imbalance(pairs), 4),
             "devices_histogram": devices,
             "mean_devices_per_token": round(sum(n * c for n, c in enumerate(devices)) / sum(devices), 4)
             if sum(devices) else 0.0,

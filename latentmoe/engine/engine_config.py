@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,13 @@ class EngineConfig:
     # runs attention). 1: one batch; 2: two; 0: on CUDA, two when an attention shard has at least 4 requests, else
     # one; on CPU one (measured faster where shards share cores)
     micro_batches: int = 0
+    # disaggregated cluster, expert load balancing (``latentmoe.cluster.eplb``): redundant slots per expert shard
+    # (copies of hot experts); every eplb_interval_s seconds (0: only when asked) the coordinator rebalances if the
+    # expert shards' imbalance (max / mean tokens over the last eplb_window_s) is above eplb_threshold
+    redundant_experts: int = 0
+    eplb_interval_s: float = 0.0
+    eplb_window_s: float = 60.0
+    eplb_threshold: float = 1.2
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -44,6 +52,15 @@ class EngineConfig:
             raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}")
         if self.micro_batches not in (0, 1, 2):
             raise ValueError(f"micro_batches must be 0 (by batch size), 1 or 2, got {self.micro_batches!r}")
+        if not isinstance(self.redundant_experts, int) or isinstance(self.redundant_experts, bool) \
+                or self.redundant_experts < 0:
+            raise ValueError(f"redundant_experts must be a non-negative integer, got {self.redundant_experts!r}")
+        for name, low in (("eplb_interval_s", 0.0), ("eplb_window_s", None), ("eplb_threshold", 1.0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+                    (value < low if low is not None else value <= 0):
+                raise ValueError(f"{name} must be a finite number {'>= ' + str(low) if low is not None else '> 0'}, "
+                                 f"got {value!r}")
         if self.prefill_mla not in ("naive", "absorbed"):
             raise ValueError(f"prefill_mla must be 'naive' or 'absorbed', got {self.prefill_mla!r}")
 

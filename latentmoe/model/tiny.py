@@ -15,6 +15,7 @@ import dataclasses
 import json
 import os
 import shutil
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 
@@ -119,20 +120,42 @@ def init_random(model: torch.nn.Module, seed: int) -> None:
         p.copy_(value)
 
 
+@torch.no_grad()
+def skew_routing(model: torch.nn.Module, hot_experts: Sequence[int], strength: float, seed: int) -> None:
+    """Skewed expert load, as trained DeepSeek models have it: every token's hidden state gets a shared direction
+    ``u`` (added to every embedding row), and the gate rows of ``hot_experts`` lean towards it in every MoE layer,
+    so those experts win for most tokens. ``strength`` scales the lean (0: no skew)."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    embed = model.model.embed_tokens.weight
+    u = torch.randn(embed.shape[1], generator=gen)
+    u = u / u.norm()
+    embed += 0.5 * embed.norm(dim=1).mean() * u  # a shared component half a row's own size
+    for layer in model.model.layers:
+        if getattr(layer, "is_moe", False):
+            gate = layer.mlp.gate.weight  # [E, D]
+            direction = u * layer.post_attention_layernorm.weight.float()  # u as the gate sees it after the norm
+            direction = direction / direction.norm()
+            gate[list(hot_experts)] += strength * gate.norm(dim=1).mean() * direction
+
+
 def make_tiny(out_dir: str | Path, seed: int = 0, config: dict | None = None,
               dtype: torch.dtype = torch.float32, max_shard_bytes: int | None = None, *,
-              fp8_block_size: tuple[int, int] | None = None) -> Path:
+              fp8_block_size: tuple[int, int] | None = None, hot_experts: Sequence[int] = (),
+              skew: float = 0.0) -> Path:
     """Write a random-weight checkpoint (config, safetensors, tokenizer) to ``out_dir``.
 
     ``fp8_block_size`` (DeepSeek's: ``(128, 128)``) writes the linear weights in DeepSeek's block FP8. A config
     with ``num_nextn_predict_layers`` gets random multi-token-prediction layers too, as DeepSeek-V3's
-    checkpoints have them (loaders skip them).
+    checkpoints have them (loaders skip them). ``hot_experts`` and ``skew``: routing skewed towards those
+    experts (``skew_routing``), for the expert load balancing tests and benchmarks.
     """
     from latentmoe.model.tiny_tokenizer import write_tiny_tokenizer
 
     cfg = ModelConfig.from_dict(config or TINY_CONFIG)
     model = build_model(cfg, dtype=torch.float32)
     init_random(model, seed)
+    if hot_experts and skew:
+        skew_routing(model, hot_experts, skew, seed)
     model.to(dtype)
     out_dir = Path(out_dir)
     save_checkpoint(model, out_dir, max_shard_bytes=max_shard_bytes, fp8_block_size=fp8_block_size)

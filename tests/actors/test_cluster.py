@@ -159,3 +159,84 @@ def test_placement_fallback_and_limits(cluster, tiny_dir, caplog):
     # more shards than the cluster can hold: a clear error after the timeout, never a hang
     with pytest.raises(Exception, match="could not be placed"):
         LLM(model=str(tiny_dir), attention_shards=5, expert_shards=4, timeout_s=5)
+
+
+# --- expert load balancing (#18) ----------------------------------------------------------------------------------
+
+SKEW_PROMPTS = 12
+
+
+@pytest.fixture(scope="module")
+def skewed_dir(tmp_path_factory):
+    """Routing skewed towards experts 0, 1 and 4 (and 3 with them): groups 0 and 1, both on shard 0 of two."""
+    return make_tiny(tmp_path_factory.mktemp("skewed"), seed=0, hot_experts=[0, 1, 4], skew=0.5)
+
+
+def work_imbalance(pairs: list[int]) -> float:
+    """Max over mean (token, expert) pairs computed per expert shard, from the counts alone."""
+    return max(pairs) * len(pairs) / sum(pairs)
+
+
+@pytest.mark.parametrize("redundant", [0, 2])
+def test_rebalancing_with_streams_in_flight(cluster, skewed_dir, redundant):
+    """On the skewed checkpoint: the expert shards' work imbalance measured, a rebalance while streams are in
+    flight (the expert shards load their new slots, then one epoch switch), every stream's greedy tokens those
+    of the single process, the imbalance measured again lower, and never more than topk_group shards a token."""
+    rng = random.Random(11)
+    prompts = [[rng.randrange(2, 1024) for _ in range(rng.randrange(8, 40))] for _ in range(SKEW_PROMPTS)]
+    params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(model=str(skewed_dir)).generate(prompts, params)]
+    llm = LLM(model=str(skewed_dir), attention_shards=1, expert_shards=2, redundant_experts=redundant,
+              block_size=16, num_blocks=128, timeout_s=TIMEOUT)
+    try:
+        assert llm.expert_placement()["version"] == 0
+        assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+        before = llm.dispatch_stats()["pairs_per_shard"]
+        deadline = time.time() + 15  # the shard's load report reaches the coordinator within about a second
+        while ray.get(llm.coordinator.expert_load.remote(600.0), timeout=TIMEOUT)["pairs_per_shard"] != before:
+            assert time.time() < deadline, "the load report did not reach the coordinator"
+            time.sleep(0.2)
+        imbalance_before = work_imbalance(before)
+        # the checkpoint really is skewed (copies spread round-robin before any load is measured even it out a bit)
+        assert imbalance_before > (1.3 if redundant == 0 else 1.15), before
+
+        async def rebalance_under_streams():
+            streams = [llm.router.generate(p, params) for p in prompts]
+            firsts = await asyncio.wait_for(asyncio.gather(*(s.__anext__() for s in streams)), TIMEOUT)
+            report = await asyncio.wait_for(llm.coordinator.rebalance.remote(True, 600.0), TIMEOUT)
+
+            async def rest(stream, first):
+                tokens = list(first.delta_token_ids)
+                async for out in stream:
+                    tokens += out.delta_token_ids
+                return tokens
+
+            return report, await asyncio.wait_for(asyncio.gather(*(rest(s, f) for s, f in zip(streams, firsts))),
+                                                  TIMEOUT)
+
+        report, outputs = asyncio.run(rebalance_under_streams())
+        assert outputs == expected  # nothing lost, duplicated or changed across the switch
+        assert report["changed"] and report["version"] == 1, report
+        assert report["imbalance_predicted"] < report["imbalance_before"], report
+        placement = llm.expert_placement()
+        assert placement["version"] == 1 and placement["rebalances"][-1]["version"] == 1
+        assert (placement["num_copies"] > 0) == (redundant > 0), placement
+        assert all(len(slots) == 8 + redundant for slots in placement["slots"])
+
+        # after the switch: the same prompts again, the work per shard measured from the dispatch counters
+        mid = llm.dispatch_stats()["pairs_per_shard"]
+        assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+        stats = llm.dispatch_stats()
+        after = [b - a for a, b in zip(mid, stats["pairs_per_shard"])]
+        print(f"\nredundant {redundant}: work per expert shard {before} -> {after}, imbalance "
+              f"{imbalance_before:.3f} -> {work_imbalance(after):.3f}; rebalance {report}")
+        assert work_imbalance(after) < imbalance_before - 0.05, (before, after)
+        reached = max(n for n, count in enumerate(stats["devices_histogram"]) if count)
+        assert reached <= TINY_CONFIG["topk_group"], stats["devices_histogram"]  # copies add no shard
+        cache = llm.cache_stats()
+        assert cache["num_free_blocks"] == cache["num_blocks"]
+        # nothing left to gain: a rebalance without force changes nothing and says why
+        again = llm.rebalance(force=False, window_s=5.0)
+        assert not again["changed"] and again["reason"], again
+    finally:
+        llm.shutdown()
