@@ -122,6 +122,13 @@ def serve(
     micro_batches: int = typer.Option(0, help="Micro-batches per cluster step: 1, 2 (ping-pong: one runs attention "
                                       "while the other is at the experts), or 0: by batch size (two on CUDA "
                                       "from 4 requests; one on CPU)."),
+    redundant_experts: int = typer.Option(0, help="Expert load balancing: redundant slots per expert shard, for "
+                                          "copies of hot experts."),
+    eplb_interval_s: float = typer.Option(0, help="Expert load balancing: how often the coordinator checks the "
+                                          "expert shards' imbalance and rebalances when it is over "
+                                          "--eplb-threshold (0: only on `latentmoe rebalance`)."),
+    eplb_threshold: float = typer.Option(1.2, help="Expert load balancing: max / mean work per expert shard "
+                                         "above which the policy rebalances."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster (default: the one on this machine; with "
                                               "none running, a local multi-node cluster is started and stopped)."),
     ray_port: int = typer.Option(6379, help="GCS port of the local cluster started when none runs."),
@@ -146,7 +153,9 @@ def serve(
     echo = lambda m: typer.echo(m, err=True)  # noqa: E731
     args = {"model": str(model) if model else None, "attention_shards": attention_shards,
             "expert_shards": expert_shards,
-            "engine": {"dtype": dtype, "device": device, "micro_batches": micro_batches},
+            "engine": {"dtype": dtype, "device": device, "micro_batches": micro_batches,
+                       "redundant_experts": redundant_experts, "eplb_interval_s": eplb_interval_s,
+                       "eplb_threshold": eplb_threshold},
             "max_replicas": max_replicas, "api_key": api_key or None,
             "target_shard_requests": target_shard_requests, "downscale_delay_s": downscale_delay_s}
     try:
@@ -176,6 +185,37 @@ def serve(
         ray.shutdown()
         if started_cluster is not None:
             started_cluster.stop(echo)
+
+
+@app.command()
+def rebalance(
+    window_s: float = typer.Option(60, help="Balance the expert load of the last this many seconds."),
+    if_needed: bool = typer.Option(False, "--if-needed", help="Only if the imbalance is over the threshold "
+                                   "the server was started with, and the new placement lowers it."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster (default: the one on this machine)."),
+    ray_port: int = typer.Option(6379, help="GCS port of the local cluster, when it was started here."),
+):
+    """Rebalance a running server's expert placement (copies of hot experts, groups packed by load): the
+    expert shards load their new slots while serving, then every shard switches at one step boundary."""
+    import json
+
+    import ray
+
+    from latentmoe.actors.cluster import ensure_ray
+    from latentmoe.actors.names import COORDINATOR_NAME, ROUTER_NAMESPACE
+
+    try:
+        ensure_ray(ray_address, port=ray_port, start=False)
+        coordinator = ray.get_actor(COORDINATOR_NAME, namespace=ROUTER_NAMESPACE)
+    except (RuntimeError, ValueError) as e:
+        typer.echo(f"rebalance: {e}", err=True)
+        raise typer.Exit(1) from None
+    try:
+        report = ray.get(coordinator.rebalance.remote(not if_needed, window_s), timeout=600)
+    except ray.exceptions.RayTaskError as e:
+        typer.echo(f"rebalance: {e.cause!r}" if getattr(e, "cause", None) else f"rebalance: {e}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(json.dumps(report, indent=2))
 
 
 from latentmoe.loadtest.cli import loadtest  # noqa: E402 (imports its pieces lazily)

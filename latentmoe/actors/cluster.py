@@ -16,13 +16,14 @@ logger = logging.getLogger(__name__)
 
 def ensure_ray(address: str | None = None, attention_shards: int = 1, expert_shards: int = 1, *,
                echo: Callable[[str], None] | None = None, record: bool = False,
-               port: int = DEFAULT_PORT, dashboard: bool = True) -> LocalCluster | None:
+               port: int = DEFAULT_PORT, dashboard: bool = True, start: bool = True) -> LocalCluster | None:
     """Connect this process to a Ray cluster, starting one if there is none; returns the cluster it started.
 
     In order: the cluster this process is connected to; the one at ``address``; the one ``latentmoe cluster
     start`` (or ``latentmoe serve``) left on this machine; ``RAY_ADDRESS``, or the last ``ray start`` here;
     else a new local multi-node cluster sized for the shards (see ``cluster_shape``), which the caller owns and
-    stops (``LocalCluster.stop``); with ``record`` other clients on this machine find it as well.
+    stops (``LocalCluster.stop``); with ``record`` other clients on this machine find it as well. Without
+    ``start``, finding none is a ``RuntimeError`` (operator commands against a running cluster).
     """
     if ray.is_initialized():
         return None
@@ -41,6 +42,9 @@ def ensure_ray(address: str | None = None, attention_shards: int = 1, expert_sha
     if running is not None:
         ray.init(address=running, log_to_driver=False)
         return None
+    if not start:
+        raise RuntimeError("no running Ray cluster found: give its address (--ray-address), or start one "
+                           "(latentmoe serve, latentmoe cluster start)")
     echo = echo or logger.warning
     echo("no running Ray cluster found: starting a local multi-node one (head, attention and expert nodes)")
     cluster = start_local_cluster(**cluster_shape(attention_shards, expert_shards), port=port, dashboard=dashboard,

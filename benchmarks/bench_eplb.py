@@ -1,0 +1,145 @@
+"""Expert load balancing on a checkpoint with skewed routing: the cluster before and after a rebalance.
+
+    python benchmarks/bench_eplb.py [--redundant 0,2] [--num-prompts 32] [--input-len 64] [--output-len 48]
+                                    [--expert-shards 2] [--skew 0.5] [--out results/bench_eplb.json]
+
+The checkpoint is bench_serve's (hidden 512, 4 layers, 16 routed experts in 4 groups, top-2 groups, top-4) with
+routing skewed towards experts 0, 1 and 4 (``make_tiny(hot_experts, skew)``), written once under
+``$LATENTMOE_CACHE``. On a Ray cluster of this machine (a head, an attention node, one node per expert shard),
+for each ``--redundant`` setting (redundant expert slots per shard): a timed greedy run, a rebalance from the
+load it measured (the coordinator's ``rebalance``: plan, the expert shards loading their new slots, the epoch
+switch), and the same run again. Per run: generated tokens/s, the attention shard's step time, each expert
+shard's compute per step (the slowest sets the step), and the expert shards' work ((token, expert) pairs) and
+its imbalance (max / mean). Checks that both runs give the single process's tokens. Saves everything as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HOT_EXPERTS = (0, 1, 4)
+
+
+def skewed_model_dir(skew: float, seed: int = 0) -> Path:
+    from bench_serve import bench_config
+
+    from latentmoe.model.tiny import make_tiny
+    from latentmoe.paths import cache_root
+
+    path = cache_root() / f"bench-eplb-skew{skew:g}-seed{seed}"
+    if not (path / "config.json").exists():
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        make_tiny(tmp, seed=seed, config=bench_config(), hot_experts=HOT_EXPERTS, skew=skew)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process wrote it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return path
+
+
+def counters(llm) -> dict:
+    import ray
+
+    attention = [ray.get(a.stats.remote(), timeout=60)["timings"] for a in llm.attention]
+    experts = [ray.get(h.state.remote(), timeout=60) for h, _ in
+               ray.get(llm.coordinator.shards.remote(), timeout=60)["expert"]]
+    return {"attention_step_s": max(t["step_s"] for t in attention), "steps": attention[0]["num_steps"],
+            "expert_compute_s": [e["compute_s"] for e in experts],
+            "pairs_per_shard": llm.dispatch_stats()["pairs_per_shard"]}
+
+
+def timed_run(llm, prompts, params) -> tuple[list, dict]:
+    before = counters(llm)
+    start = time.perf_counter()
+    outs = llm.generate(prompts, params)
+    seconds = time.perf_counter() - start
+    after = counters(llm)
+    steps = after["steps"] - before["steps"]
+    compute = [b - a for a, b in zip(before["expert_compute_s"], after["expert_compute_s"])]
+    pairs = [b - a for a, b in zip(before["pairs_per_shard"], after["pairs_per_shard"])]
+    tokens = sum(len(o.token_ids) for o in outs)
+    return outs, {
+        "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1), "steps": steps,
+        "step_ms": round(1e3 * (after["attention_step_s"] - before["attention_step_s"]) / steps, 2),
+        "expert_compute_ms_per_step": [round(1e3 * c / steps, 2) for c in compute],
+        "slowest_expert_compute_ms_per_step": round(1e3 * max(compute) / steps, 2),
+        "pairs_per_shard": pairs, "work_imbalance": round(max(pairs) * len(pairs) / sum(pairs), 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--redundant", default="0,2", help="comma-separated redundant slots per expert shard")
+    ap.add_argument("--expert-shards", type=int, default=2)
+    ap.add_argument("--num-prompts", type=int, default=32)
+    ap.add_argument("--input-len", type=int, default=64)
+    ap.add_argument("--output-len", type=int, default=48)
+    ap.add_argument("--skew", type=float, default=0.5)
+    ap.add_argument("--out", default="results/bench_eplb.json")
+    args = ap.parse_args()
+
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from latentmoe import LLM, SamplingParams
+    from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE, role_node
+
+    model = str(skewed_model_dir(args.skew))
+    rng = random.Random(0)
+    single = LLM(model=model)
+    vocab = single.engine.model_config.vocab_size
+    prompts = [[rng.randrange(2, vocab) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
+    params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
+    expected = [o.token_ids for o in single.generate(prompts, params)]
+    del single
+
+    result = {"model": model, **vars(args), "hot_experts": HOT_EXPERTS, "machine": platform.machine(),
+              "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(), "runs": {}}
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    cluster.add_node(num_cpus=1, **role_node(ATTENTION_RESOURCE, 1))
+    for _ in range(args.expert_shards):
+        cluster.add_node(num_cpus=1, **role_node(EXPERT_RESOURCE, 1))
+    ray.init(address=cluster.address, log_to_driver=False)
+    try:
+        for redundant in [int(r) for r in args.redundant.split(",")]:
+            llm = LLM(model=model, attention_shards=1, expert_shards=args.expert_shards, redundant_experts=redundant)
+            try:
+                llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
+                outs, before = timed_run(llm, prompts, params)
+                time.sleep(1.5)  # the attention shard's last load report reaches the coordinator
+                report = llm.rebalance(force=True, window_s=600.0)
+                outs_after, after = timed_run(llm, prompts, params)
+                same = sum(o.token_ids == e for o, e in zip(outs, expected))
+                same_after = sum(o.token_ids == e for o, e in zip(outs_after, expected))
+                run = {"before": before, "rebalance": report, "after": after,
+                       "identical_outputs": f"{same}/{len(prompts)} before, {same_after}/{len(prompts)} after",
+                       "speedup": round(after["tokens_per_s"] / before["tokens_per_s"], 3),
+                       "placement": llm.expert_placement()}
+                result["runs"][f"redundant={redundant}"] = run
+                print(f"redundant {redundant}: work imbalance {before['work_imbalance']:.3f} -> "
+                      f"{after['work_imbalance']:.3f}; slowest expert shard {before['slowest_expert_compute_ms_per_step']}"
+                      f" -> {after['slowest_expert_compute_ms_per_step']} ms/step; step {before['step_ms']} -> "
+                      f"{after['step_ms']} ms; {before['tokens_per_s']} -> {after['tokens_per_s']} tok/s "
+                      f"({run['speedup']}x); rebalance {report.get('total_s')} s (load {report.get('load_s')} s, "
+                      f"switch {report.get('switch_s')} s); identical outputs {run['identical_outputs']}")
+            finally:
+                llm.shutdown()
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+    result["loadavg_after"] = os.getloadavg()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2, default=str))
+    print(f"saved {args.out}")
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_serve's checkpoint config
+    main()
