@@ -129,6 +129,9 @@ def serve(
                                           "--eplb-threshold (0: only on `latentmoe rebalance`)."),
     eplb_threshold: float = typer.Option(1.2, help="Expert load balancing: max / mean work per expert shard "
                                          "above which the policy rebalances."),
+    eplb_mode: str = typer.Option("repack", help="Expert load balancing: 'repack' (DeepSeek's: groups packed onto "
+                                  "shards by load, then copies of hot experts) or 'copies' (move only the copies; "
+                                  "tokens keep their shards)."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster (default: the one on this machine; with "
                                               "none running, a local multi-node cluster is started and stopped)."),
     ray_port: int = typer.Option(6379, help="GCS port of the local cluster started when none runs."),
@@ -155,7 +158,7 @@ def serve(
             "expert_shards": expert_shards,
             "engine": {"dtype": dtype, "device": device, "micro_batches": micro_batches,
                        "redundant_experts": redundant_experts, "eplb_interval_s": eplb_interval_s,
-                       "eplb_threshold": eplb_threshold},
+                       "eplb_threshold": eplb_threshold, "eplb_mode": eplb_mode},
             "max_replicas": max_replicas, "api_key": api_key or None,
             "target_shard_requests": target_shard_requests, "downscale_delay_s": downscale_delay_s}
     try:
@@ -190,6 +193,8 @@ def serve(
 @app.command()
 def rebalance(
     window_s: float = typer.Option(60, help="Balance the expert load of the last this many seconds."),
+    mode: Optional[str] = typer.Option(None, help="'copies' (move only the copies of hot experts) or 'repack' "
+                                       "(groups packed onto shards by load too); default: the server's eplb_mode."),
     if_needed: bool = typer.Option(False, "--if-needed", help="Only if the imbalance is over the threshold "
                                    "the server was started with, and the new placement lowers it."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster (default: the one on this machine)."),
@@ -211,7 +216,7 @@ def rebalance(
         typer.echo(f"rebalance: {e}", err=True)
         raise typer.Exit(1) from None
     try:
-        report = ray.get(coordinator.rebalance.remote(not if_needed, window_s), timeout=600)
+        report = ray.get(coordinator.rebalance.remote(not if_needed, window_s, mode), timeout=600)
     except ray.exceptions.RayTaskError as e:
         typer.echo(f"rebalance: {e.cause!r}" if getattr(e, "cause", None) else f"rebalance: {e}", err=True)
         raise typer.Exit(1) from None

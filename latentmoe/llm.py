@@ -182,12 +182,12 @@ class LLM:
                 total.merge(DispatchStats.from_dict(st["dispatch"], c.n_routed_experts, E, c.num_experts_per_tok))
         return total.as_dict() | {"max_devices_per_token": self.shard_info["max_devices_per_token"]}
 
-    def rebalance(self, force: bool = True, window_s: float | None = None) -> dict:
+    def rebalance(self, force: bool = True, window_s: float | None = None, mode: str | None = None) -> dict:
         """Rebalance the expert placement from the expert load of the last ``window_s`` seconds (the
         coordinator's ``rebalance``): returns what changed, the imbalance before and after, and the times."""
         import ray
 
-        return ray.get(self.coordinator.rebalance.remote(force, window_s), timeout=self.timeout_s)
+        return ray.get(self.coordinator.rebalance.remote(force, window_s, mode), timeout=self.timeout_s)
 
     def expert_placement(self) -> dict:
         """The expert placement in force: version, slots of each expert shard, copies, the latest rebalances."""

@@ -262,15 +262,19 @@ class Coordinator:
 
     # ---- expert load balancing ----------------------------------------------------------------------------------
 
-    async def rebalance(self, force: bool = True, window_s: float | None = None) -> dict:
+    async def rebalance(self, force: bool = True, window_s: float | None = None, mode: str | None = None) -> dict:
         """Build the next expert placement from the expert load of the last ``window_s`` seconds (default
         ``eplb_window_s``) and switch to it: the expert shards load their new slots while the steps go on, then
         one group under a new epoch carries the placement, and every member switches at the same step boundary
-        (nothing in flight is lost; outputs do not change: copies hold the same weights). Without ``force``, only
+        (nothing in flight is lost; outputs do not change: copies hold the same weights). ``mode``: ``eplb_mode``
+        ("copies": move only the copies; "repack": groups packed onto shards by load too). Without ``force``, only
         if the expert shards' work imbalance is above ``eplb_threshold`` and the new placement lowers it. Returns
         what it did and why, with its parts' times."""
         await self.start()
         window_s = self.engine_config.eplb_window_s if window_s is None else window_s
+        mode = self.engine_config.eplb_mode if mode is None else mode
+        if mode not in ("copies", "repack"):
+            raise ValueError(f"mode must be 'copies' or 'repack', got {mode!r}")
         if isinstance(window_s, bool) or not isinstance(window_s, (int, float)) or \
                 not 0 < window_s <= self.load.horizon_s:
             raise ValueError(f"window_s must be in (0, {self.load.horizon_s:g}], got {window_s!r}")
@@ -280,11 +284,12 @@ class Coordinator:
             rows = list(summary["tokens_per_expert"].values())
             load = torch.tensor(rows, dtype=torch.float64).sum(0) if rows else None
             report = {"time": time.time(), "version": self.placement.version, "window_s": window_s,
-                      "forced": force, "changed": False}
+                      "mode": mode, "forced": force, "changed": False}
             if load is None or float(load.sum()) == 0:
                 return report | {"reason": f"no expert load measured in the last {window_s:g} s"}
             S, redundant = self.num_expert, self.engine_config.redundant_experts
-            new = eplb.rebalance(self.model_config, load, S, redundant, version=self.placement.version + 1)
+            new = eplb.rebalance(self.model_config, load, S, redundant, version=self.placement.version + 1,
+                                 keep_primaries=self.placement if mode == "copies" else None)
             before, after = eplb.imbalance(self.placement, load), eplb.imbalance(new, load)
             report |= {"imbalance_before": round(before, 4), "imbalance_predicted": round(after, 4),
                        "measured_work_imbalance": summary["shard_work_imbalance"],
@@ -451,8 +456,9 @@ class Coordinator:
         self.metrics.live_shards.set(len(group.attention_ids) if group else 0, tags={"kind": ATTENTION})
         self.metrics.live_shards.set(len(self.membership.experts), tags={"kind": EXPERT})
         recent = self.load.summary(10.0)
-        for layer, value in recent["imbalance_per_layer"].items():
-            self.metrics.layer_imbalance.set(value, tags={"layer": layer})
+        for layer in self.model_config.moe_layers:  # every layer, 0 when idle: a series never set again vanishes
+            self.metrics.layer_imbalance.set(recent["imbalance_per_layer"].get(str(layer), 0.0),
+                                             tags={"layer": str(layer)})
         self.metrics.shard_imbalance.set(recent["shard_imbalance"])
         self.metrics.shard_work_imbalance.set(recent["shard_work_imbalance"])
         self.metrics.placement_version.set(self.placement.version)

@@ -58,7 +58,8 @@ class ClusterMetrics:
                                             "Tokens dispatched to an expert shard (once per token per layer).",
                                             tag_keys=("shard",))
         self.layer_imbalance = metrics.Gauge("latentmoe_expert_imbalance",
-                                             "Max over mean tokens per expert in an MoE layer, last 10 s.",
+                                             "Max over mean tokens per expert in an MoE layer, last 10 s "
+                                             "(0: no tokens).",
                                              tag_keys=("layer",))
         self.shard_imbalance = metrics.Gauge("latentmoe_expert_shard_imbalance",
                                              "Max over mean tokens per expert shard, last 10 s.")

@@ -288,20 +288,30 @@ def balanced_packing(weights: Sequence[float], num_packs: int, capacity: int) ->
 
 
 def rebalance(config: ModelConfig, load: torch.Tensor, num_shards: int, redundant_per_shard: int = 0,
-              version: int = 0, topk_ids: torch.Tensor | None = None) -> ReplicatedPlacement:
+              version: int = 0, topk_ids: torch.Tensor | None = None,
+              keep_primaries: ReplicatedPlacement | None = None) -> ReplicatedPlacement:
     """The placement that balances ``load [L, E]`` (or ``[E]``: tokens per expert over a window, summed over
     layers) over ``num_shards`` shards with ``redundant_per_shard`` copy slots each.
 
     Groups whole on shards when the model is group-limited and ``n_group`` and ``num_shards`` divide one another
     (the device limit of ``ExpertPlacement`` kept); experts one by one otherwise. ``topk_ids [..., K]``, a sample of
-    the window's routing, tells which tokens a copy could take; without it uniform routing is assumed."""
+    the window's routing, tells which tokens a copy could take; without it uniform routing is assumed.
+
+    ``keep_primaries``: keep that placement's primaries (and so the shards every token visits) and only place the
+    copies anew. Repacking groups by load may split groups that tokens choose together, so that tokens reach more
+    shards (more rows to send and compute); copies alone never add a shard to a token."""
     E = _check_experts(config)
     load = _check_load(load, E)  # [E]
     if not isinstance(num_shards, int) or not 1 <= num_shards <= E:
         raise ValueError(f"expert shards must be in [1, n_routed_experts={E}], got {num_shards!r}")
     S = num_shards
     G = config.n_group or 1
-    if config.group_limited and G % S == 0:  # whole groups per shard
+    if keep_primaries is not None:
+        if keep_primaries.num_shards != S or keep_primaries.num_experts != E:
+            raise ValueError(f"keep_primaries has {keep_primaries.num_shards} shards and "
+                             f"{keep_primaries.num_experts} experts, expected {S} and {E}")
+        primary, limit = list(keep_primaries.primary_shard), keep_primaries.max_devices_per_token
+    elif config.group_limited and G % S == 0:  # whole groups per shard
         shard_of_group = balanced_packing(load.view(G, -1).sum(1).tolist(), S, G // S)
         primary = [shard_of_group[e // config.experts_per_group] for e in range(E)]
         limit = min(config.topk_group, S)

@@ -32,7 +32,12 @@ class EngineConfig:
     micro_batches: int = 0
     # disaggregated cluster, expert load balancing (``latentmoe.cluster.eplb``): redundant slots per expert shard
     # (copies of hot experts); every eplb_interval_s seconds (0: only when asked) the coordinator rebalances if the
-    # expert shards' imbalance (max / mean tokens over the last eplb_window_s) is above eplb_threshold
+    # expert shards' imbalance (max / mean tokens over the last eplb_window_s) is above eplb_threshold.
+    # eplb_mode "repack": DeepSeek's hierarchical EPLB, groups packed onto shards by load, then copies (it may split
+    # groups that tokens choose together, so tokens reach more shards); "copies": keep each expert's primary where
+    # it is (so the shards each token visits) and move only the copies, which take only tokens that visit their
+    # shard anyway (benchmarks/bench_eplb.py measures both)
+    eplb_mode: str = "repack"
     redundant_experts: int = 0
     eplb_interval_s: float = 0.0
     eplb_window_s: float = 60.0
@@ -61,6 +66,8 @@ class EngineConfig:
                     (value < low if low is not None else value <= 0):
                 raise ValueError(f"{name} must be a finite number {'>= ' + str(low) if low is not None else '> 0'}, "
                                  f"got {value!r}")
+        if self.eplb_mode not in ("copies", "repack"):
+            raise ValueError(f"eplb_mode must be 'copies' or 'repack', got {self.eplb_mode!r}")
         if self.prefill_mla not in ("naive", "absorbed"):
             raise ValueError(f"prefill_mla must be 'naive' or 'absorbed', got {self.prefill_mla!r}")
 

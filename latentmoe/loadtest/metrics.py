@@ -195,10 +195,14 @@ def timeseries(results: list[RequestResult], duration: float, num_bins: int | No
             "in_flight": in_flight.astype(int).tolist()}
 
 
-def summarize_expert_load(load: dict) -> dict:
+def summarize_expert_load(load: dict, since: float | None = None) -> dict:
     """The summary of ``GET /v1/expert-load``: imbalance per layer (max over mean tokens per expert), per
-    shard, the hottest experts, and devices (expert shards) reached per token (the histogram's index is
-    the number of devices)."""
+    shard, the hottest experts, devices (expert shards) reached per token (the histogram's index is
+    the number of devices), and the expert placement: its version, and the changes applied since ``since``
+    (wall time, the run's start) as the server lists them (its latest few)."""
+    placement = load.get("placement") or {}
+    changes = [r for r in placement.get("rebalances") or []
+               if r.get("changed") and (since is None or r.get("time", 0) >= since)]
     histogram = [int(x) for x in load.get("devices_histogram") or []]
     num_tokens = sum(histogram)
     mean_devices = sum(i * n for i, n in enumerate(histogram)) / num_tokens if num_tokens else None
@@ -220,4 +224,9 @@ def summarize_expert_load(load: dict) -> dict:
         "a2a_bytes": a2a,
         "ideal_bytes": ideal,
         "a2a_over_ideal": a2a / ideal if isinstance(a2a, (int, float)) and ideal else None,
+        "work_imbalance": load.get("shard_work_imbalance"),
+        "placement_version": placement.get("version"),
+        "placement_copies": placement.get("num_copies"),
+        "placement_changes": [{k: r.get(k) for k in ("time", "version", "imbalance_before", "imbalance_predicted",
+                                                     "copies", "total_s")} for r in changes],
     }

@@ -91,7 +91,12 @@ def expert_load_lines(load: dict) -> list[str]:
             f"{'Hottest experts (layer/expert):':<36}{hottest or 'n/a'}",
             f"{'Devices per token (mean):':<36}{_fmt(e['mean_devices_per_token'])}",
             f"{'Devices per token (histogram):':<36}{histogram or 'n/a'}",
-            f"{'All-to-all bytes / ideal:':<36}{_fmt(e['a2a_over_ideal'])}"]
+            f"{'All-to-all bytes / ideal:':<36}{_fmt(e['a2a_over_ideal'])}",
+            f"{'Expert placement (version, copies):':<36}{_fmt(e.get('placement_version'))}, "
+            f"{_fmt(e.get('placement_copies'))}",
+            f"{'Placement changes in the run:':<36}" + (", ".join(
+                f"v{c['version']} (imbalance {_fmt(c['imbalance_before'])} -> {_fmt(c['imbalance_predicted'])}, "
+                f"{_fmt(c['total_s'])} s)" for c in e.get("placement_changes") or []) or "none")]
 
 
 # ---- plots -----------------------------------------------------------------------------------------------------

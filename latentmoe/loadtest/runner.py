@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import math
+import time
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -149,6 +150,7 @@ async def run_loadtest(target: Target, schedule: Schedule, workload: Workload,
             raise ValueError(f"{target.info_url}/v1/models lists no model")
         model = models[0]
     clock = clients.make_clock()
+    started_at = time.time()  # wall time: the server's placement changes are stamped with it
     options = dict(stream=target.stream, ignore_eos=target.ignore_eos, temperature=target.temperature,
                    timeout_s=target.timeout_s, clock=clock, api_key=target.api_key)
     if target.url is not None:
@@ -169,7 +171,7 @@ async def run_loadtest(target: Target, schedule: Schedule, workload: Workload,
         else:
             load = await client.expert_load(window_s)
     if load["available"]:
-        load["summary"] = summarize_expert_load(load["data"])
+        load["summary"] = summarize_expert_load(load["data"], since=started_at)
     config = config_dict(target, schedule, workload)
     config["target"]["model"] = model
     result = {"config": config, "summary": summarize(results, duration), "expert_load": load,

@@ -177,8 +177,8 @@ def work_imbalance(pairs: list[int]) -> float:
     return max(pairs) * len(pairs) / sum(pairs)
 
 
-@pytest.mark.parametrize("redundant", [0, 2])
-def test_rebalancing_with_streams_in_flight(cluster, skewed_dir, redundant):
+@pytest.mark.parametrize("mode,redundant", [("repack", 0), ("copies", 2)])
+def test_rebalancing_with_streams_in_flight(cluster, skewed_dir, mode, redundant):
     """On the skewed checkpoint: the expert shards' work imbalance measured, a rebalance while streams are in
     flight (the expert shards load their new slots, then one epoch switch), every stream's greedy tokens those
     of the single process, the imbalance measured again lower, and never more than topk_group shards a token."""
@@ -203,7 +203,7 @@ def test_rebalancing_with_streams_in_flight(cluster, skewed_dir, redundant):
         async def rebalance_under_streams():
             streams = [llm.router.generate(p, params) for p in prompts]
             firsts = await asyncio.wait_for(asyncio.gather(*(s.__anext__() for s in streams)), TIMEOUT)
-            report = await asyncio.wait_for(llm.coordinator.rebalance.remote(True, 600.0), TIMEOUT)
+            report = await asyncio.wait_for(llm.coordinator.rebalance.remote(True, 600.0, mode), TIMEOUT)
 
             async def rest(stream, first):
                 tokens = list(first.delta_token_ids)
@@ -228,11 +228,13 @@ def test_rebalancing_with_streams_in_flight(cluster, skewed_dir, redundant):
         assert [o.token_ids for o in llm.generate(prompts, params)] == expected
         stats = llm.dispatch_stats()
         after = [b - a for a, b in zip(mid, stats["pairs_per_shard"])]
-        print(f"\nredundant {redundant}: work per expert shard {before} -> {after}, imbalance "
+        print(f"\n{mode}, redundant {redundant}: work per expert shard {before} -> {after}, imbalance "
               f"{imbalance_before:.3f} -> {work_imbalance(after):.3f}; rebalance {report}")
         assert work_imbalance(after) < imbalance_before - 0.05, (before, after)
         reached = max(n for n, count in enumerate(stats["devices_histogram"]) if count)
         assert reached <= TINY_CONFIG["topk_group"], stats["devices_histogram"]  # copies add no shard
+        if mode == "copies":  # the primaries stayed: every token reaches the same shards as before
+            assert placement["primary_shard"] == [e // 8 for e in range(16)], placement
         cache = llm.cache_stats()
         assert cache["num_free_blocks"] == cache["num_blocks"]
         # nothing left to gain: a rebalance without force changes nothing and says why

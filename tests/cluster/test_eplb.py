@@ -196,6 +196,32 @@ def test_rebalance_lowers_shard_imbalance(cfg, num_shards, redundant):
     assert sorted(set(e for row in copied.physical for e in row)) == list(range(cfg.n_routed_experts))
 
 
+@pytest.mark.parametrize("cfg,num_shards,redundant", [(TINY, 2, 2), (V2, 4, 4), (V3, 8, 4), (GREEDY, 4, 2)])
+def test_copies_only_keeps_every_token_on_its_shards(cfg, num_shards, redundant):
+    """``keep_primaries``: the primaries stay, so each token reaches no shard outside its home shards (those of its
+    experts' primaries, counted by hand from a routing sample: a copy may spare it one), while the copies still
+    lower the imbalance."""
+    from latentmoe.cluster.eplb import plan_dispatch_replicated
+
+    hot = hot_in_first_groups(cfg)
+    topk_ids = skewed_routing(cfg, 2000, seed=0, hot=hot)
+    weights = torch.rand(topk_ids.shape)
+    today = ReplicatedPlacement.build(cfg, num_shards, redundant)
+    kept = rebalance(cfg, load_of(cfg, topk_ids), num_shards, redundant, version=1, keep_primaries=today)
+    assert kept.primary_shard == today.primary_shard and kept.max_devices_per_token == today.max_devices_per_token
+    assert kept.slots_per_shard == today.slots_per_shard
+    primary = torch.tensor(today.primary_shard)
+    home = torch.tensor([len(set(primary[row].tolist())) for row in topk_ids])  # [T]
+    plan = plan_dispatch_replicated(topk_ids, weights, kept)
+    assert bool((plan.devices_per_token <= home).all())
+    shards_of_rows = torch.repeat_interleave(torch.arange(num_shards), torch.tensor(plan.send_counts))
+    for token in range(0, len(topk_ids), 97):  # and the rows of a token go only to its home shards
+        assert set(shards_of_rows[plan.token_index == token].tolist()) <= set(primary[topk_ids[token]].tolist())
+    assert imbalance(kept, topk_ids=topk_ids) < imbalance(today, topk_ids=topk_ids)
+    with pytest.raises(ValueError, match="keep_primaries has"):
+        rebalance(cfg, load_of(cfg, topk_ids), num_shards // 2, redundant, keep_primaries=today)
+
+
 def test_uniform_load_keeps_balance():
     topk_ids = skewed_routing(V3, 2000, seed=2, hot={})
     load = load_of(V3, topk_ids)

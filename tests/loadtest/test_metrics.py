@@ -126,3 +126,18 @@ def test_expert_load_summary():
     assert e["hottest_experts"] == [{"layer": 1, "expert": 3, "tokens": 60}]
     bare = summarize_expert_load({})  # fields the server leaves out are None, not errors
     assert bare["mean_devices_per_token"] is None and bare["max_layer_imbalance"] is None
+    assert bare["placement_version"] is None and bare["placement_changes"] == []
+
+
+def test_placement_changes_of_the_run():
+    """Only the changes applied since the run started count (the server lists its latest few)."""
+    rebalances = [{"time": 90.0, "version": 1, "changed": True, "imbalance_before": 1.8, "total_s": 0.3},
+                  {"time": 110.0, "version": 1, "changed": False, "reason": "not worth a switch"},
+                  {"time": 120.0, "version": 2, "changed": True, "imbalance_before": 1.5,
+                   "imbalance_predicted": 1.1, "copies": 4, "total_s": 0.2}]
+    load = LOAD | {"placement": {"version": 2, "num_copies": 4, "rebalances": rebalances}}
+    e = summarize_expert_load(load, since=100.0)
+    assert e["placement_version"] == 2 and e["placement_copies"] == 4
+    assert e["placement_changes"] == [{"time": 120.0, "version": 2, "imbalance_before": 1.5,
+                                       "imbalance_predicted": 1.1, "copies": 4, "total_s": 0.2}]
+    assert [c["version"] for c in summarize_expert_load(load)["placement_changes"]] == [1, 2]

@@ -51,7 +51,7 @@ def test_report_with_expert_load(tmp_path):
     text = format_summary(result)
     for line in ("Requests completed:", "Mean TTFT (ms):", "P99 ITL (ms):", "P90 E2E (ms):",
                  "Output token throughput (tok/s):", "Imbalance per layer (max/mean):", "1: 2.00, 2: 1.00",
-                 "L1/E3 (60)", "1 x 503: the engine is full"):
+                 "L1/E3 (60)", "1 x 503: the engine is full", "Placement changes in the run:"):
         assert line in text, (line, text)
 
 
