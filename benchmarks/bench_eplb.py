@@ -20,7 +20,6 @@ import json
 import os
 import platform
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -31,18 +30,10 @@ HOT_EXPERTS = (0, 1, 4)
 def skewed_model_dir(skew: float, seed: int = 0) -> Path:
     from bench_serve import bench_config
 
-    from latentmoe.model.tiny import make_tiny
-    from latentmoe.paths import cache_root
+    from latentmoe.model.tiny import cached_tiny
 
-    path = cache_root() / f"bench-eplb-skew{skew:g}-seed{seed}"
-    if not (path / "config.json").exists():
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        make_tiny(tmp, seed=seed, config=bench_config(), hot_experts=HOT_EXPERTS, skew=skew)
-        try:
-            tmp.rename(path)
-        except OSError:  # another process wrote it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return cached_tiny(f"bench-eplb-skew{skew:g}-seed{seed}", seed=seed, config=bench_config(),
+                       hot_experts=HOT_EXPERTS, skew=skew)
 
 
 def counters(llm) -> dict:

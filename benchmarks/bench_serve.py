@@ -76,20 +76,9 @@ def bench_config() -> dict:
 
 def bench_model_dir(seed: int = 0) -> Path:
     """The benchmark checkpoint, written on first use under ``$LATENTMOE_CACHE`` (as the built-in tiny model)."""
-    from latentmoe.model.tiny import make_tiny
-    from latentmoe.paths import cache_root
+    from latentmoe.model.tiny import cached_tiny
 
-    root = cache_root()
-    path = root / f"bench-serve-seed{seed}"
-    if not (path / "config.json").exists() or not (path / "tokenizer.json").exists():
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = root / f".bench-serve-seed{seed}.{os.getpid()}"
-        make_tiny(tmp, seed=seed, config=bench_config())
-        try:
-            tmp.rename(path)
-        except OSError:  # another process wrote it first
-            shutil.rmtree(tmp, ignore_errors=True)
-    return path
+    return cached_tiny(f"bench-serve-seed{seed}", seed=seed, config=bench_config())
 
 
 def ensure_vllm_metadata(venv: Path) -> None:

@@ -275,9 +275,7 @@ class Coordinator:
         mode = self.engine_config.eplb_mode if mode is None else mode
         if mode not in ("copies", "repack"):
             raise ValueError(f"mode must be 'copies' or 'repack', got {mode!r}")
-        if isinstance(window_s, bool) or not isinstance(window_s, (int, float)) or \
-                not 0 < window_s <= self.load.horizon_s:
-            raise ValueError(f"window_s must be in (0, {self.load.horizon_s:g}], got {window_s!r}")
+        self._check_window(window_s)
         async with self._rebalancing:
             started = time.monotonic()
             summary = self.load.summary(float(window_s))
@@ -337,6 +335,11 @@ class Coordinator:
                 await self.rebalance(force=False)
             except Exception:  # noqa: BLE001: an expert shard slow or gone: the fault path handles it
                 logger.exception("latentmoe coordinator: rebalancing failed")
+
+    def _check_window(self, window_s) -> None:
+        if isinstance(window_s, bool) or not isinstance(window_s, (int, float)) or \
+                not 0 < window_s <= self.load.horizon_s:
+            raise ValueError(f"window_s must be in (0, {self.load.horizon_s:g}], got {window_s!r}")
 
     def _experts_per_shard(self) -> list[list[int]]:
         """The logical experts each expert shard holds (copies included, empty slots left out)."""
@@ -466,8 +469,7 @@ class Coordinator:
 
     async def expert_load(self, window_s: float = 60.0) -> dict:
         """The (layer x expert) counts, per-shard load and devices per token over the last ``window_s`` seconds."""
-        if not isinstance(window_s, (int, float)) or not 0 < window_s <= self.load.horizon_s:
-            raise ValueError(f"window_s must be in (0, {self.load.horizon_s:g}], got {window_s!r}")
+        self._check_window(window_s)
         return self.load.summary(float(window_s)) | {
             "max_devices_per_token": self.placement.max_devices_per_token,
             "experts_per_shard": self._experts_per_shard(),

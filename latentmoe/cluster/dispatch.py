@@ -85,7 +85,7 @@ class DispatchStats:
         row = self.tokens_per_expert.setdefault(layer, [0] * self.num_experts)
         self.tokens_per_expert[layer] = [a + b for a, b in zip(row, counts)]
         self.tokens_per_shard = [a + b for a, b in zip(self.tokens_per_shard, plan.send_counts)]
-        pairs = [int(rows.sum()) for rows in (plan.slot_ids >= 0).sum(1).split(plan.send_counts)]
+        pairs = torch.stack([rows.sum() for rows in (plan.slot_ids >= 0).sum(1).split(plan.send_counts)]).tolist()
         self.pairs_per_shard = [a + b for a, b in zip(self.pairs_per_shard, pairs)]
         hist = torch.bincount(plan.devices_per_token, minlength=self.max_k + 1).tolist()
         self.devices_histogram = [a + b for a, b in zip(self.devices_histogram, hist)]

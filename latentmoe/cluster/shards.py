@@ -17,6 +17,7 @@ exchanges go layer by layer, as with one batch, so each lane's collectives match
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import functools
 import logging
 import os
@@ -33,7 +34,6 @@ from latentmoe.cluster.eplb import ReplicatedPlacement
 from latentmoe.engine.engine import LLMEngine, RequestOutput
 from latentmoe.engine.engine_config import EngineConfig
 from latentmoe.cluster.membership import Group
-from latentmoe.cluster.placement import ExpertPlacement
 from latentmoe.engine.sampling_params import SamplingParams
 from latentmoe.kernels import set_kernels, use_triton
 from latentmoe.model.loader import load_model, resolve_dtype
@@ -298,13 +298,11 @@ class ExpertSlots:
 
 
 class ExpertShard:
-    def __init__(self, config: EngineConfig, placement, shard: int):
-        """``placement``: an ``ExpertPlacement`` or a ``ReplicatedPlacement``; this shard loads its slots."""
+    def __init__(self, config: EngineConfig, placement: ReplicatedPlacement, shard: int):
+        """This shard loads its slots of ``placement``."""
         self.shard, self.engine_config = shard, config
         self.dtype = resolve_dtype(config.dtype)
         self.device = torch.device(config.device)
-        if isinstance(placement, ExpertPlacement):
-            placement = ReplicatedPlacement.from_placement(placement)
         self.timings = {"step_s": 0.0, "compute_s": 0.0, "num_steps": 0, "load_s": 0.0}
         self.slots = self._load(placement)
         self._staged: ExpertSlots | None = None  # the next placement's experts, loaded ahead of its epoch
@@ -330,14 +328,6 @@ class ExpertShard:
         self.timings["load_s"] += time.perf_counter() - start
         return loaded
 
-    @property
-    def expert_ids(self) -> list[int]:
-        return self.slots.expert_ids
-
-    @property
-    def moe_layers(self) -> list:
-        return self.slots.moe_layers
-
     def prepare(self, placement) -> dict:
         """Load this shard's experts under ``placement`` next to those in use (any thread; the steps go on). The
         switch happens when a group with that placement is connected. Returns what changed and how long it took."""
@@ -346,7 +336,7 @@ class ExpertShard:
                 return {"version": placement.version, "loaded": False, "load_s": 0.0}
             start = time.perf_counter()
             staged = self._load(placement) if placement.experts_on(self.shard) != self.slots.expert_ids else \
-                ExpertSlots(placement.version, self.slots.expert_ids, self.slots.moe_layers, self.slots.slot_map)
+                dataclasses.replace(self.slots, version=placement.version)  # the same experts, the same weights
             self._staged = staged
             return {"version": placement.version, "loaded": staged.moe_layers is not self.slots.moe_layers,
                     "load_s": round(time.perf_counter() - start, 3)}

@@ -210,15 +210,22 @@ def write_mtp_layers(out_dir: Path, cfg: ModelConfig, seed: int, dtype: torch.dt
     index.write_text(json.dumps(data, indent=2))
 
 
-def default_model_dir(seed: int = 0) -> Path:
-    """The built-in tiny model, written on first use under ``$LATENTMOE_CACHE`` (default ~/.cache/latentmoe)."""
+def cached_tiny(name: str, **make_tiny_args) -> Path:
+    """``make_tiny(**make_tiny_args)`` written once under ``$LATENTMOE_CACHE/name`` (default ~/.cache/latentmoe):
+    into a temporary directory first, then renamed, so concurrent first uses never see half a checkpoint."""
     root = cache_root()
-    path = root / f"tiny-seed{seed}"
+    path = root / name
     if not (path / "config.json").exists() or not (path / "tokenizer.json").exists():
-        tmp = root / f".tiny-seed{seed}.{os.getpid()}"
-        make_tiny(tmp, seed=seed)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = root / f".{name}.{os.getpid()}"
+        make_tiny(tmp, **make_tiny_args)
         try:
             tmp.rename(path)
         except OSError:  # another process wrote it first
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def default_model_dir(seed: int = 0) -> Path:
+    """The built-in tiny model, written on first use under ``$LATENTMOE_CACHE`` (default ~/.cache/latentmoe)."""
+    return cached_tiny(f"tiny-seed{seed}", seed=seed)
