@@ -302,6 +302,12 @@ def _deployment():
         async def stats(self) -> dict:
             return self.server.stats()
 
+        def record_routing_stats(self) -> dict:
+            """What the ingress's ``ShardRouter`` weighs besides the queue length: the free latent cache."""
+            cache = self.server.shard.cache
+            return {key: cache[key] for key in ("num_blocks", "num_free_blocks", "num_running", "num_waiting")
+                    if key in cache}
+
         def check_health(self) -> None:
             self.server.check_health()
 

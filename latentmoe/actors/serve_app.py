@@ -668,7 +668,13 @@ def attention_deployment(parsed: "ServeArgs", config: dict):
                "coordinator_args": {"num_expert": parsed.expert_shards, "step_timeout_s": parsed.step_timeout_s,
                                     "recovery_timeout_s": parsed.recovery_timeout_s,
                                     "place_by_role": bool(place_by_role)}}
+    from ray.serve.config import RequestRouterConfig
+
+    from latentmoe.actors.shard_router import ROUTER_PATH, ROUTING_STATS_PERIOD_S
+
     return AttentionShardDeployment.options(
+        request_router_config=RequestRouterConfig(request_router_class=ROUTER_PATH,
+                                                  request_routing_stats_period_s=ROUTING_STATS_PERIOD_S),
         autoscaling_config={"min_replicas": low, "max_replicas": high, "initial_replicas": low,
                             "target_ongoing_requests": parsed.target_shard_requests,
                             "upscale_delay_s": parsed.upscale_delay_s, "downscale_delay_s": parsed.downscale_delay_s},

@@ -130,7 +130,10 @@ def test_a_burst_adds_a_shard_and_a_node_and_both_go_after_it(server, tiny_dir):
         wave = list(pool.map(lambda p: stream(server, p, 160), prompts))
     assert wave == expected
     ran = {node: n - before.get(node, 0) for node, n in tokens_run_per_shard().items()}
-    assert len(ran) == 2 and all(n > 0 for n in ran.values()), ran
+    # the shard router asks a shard it has not heard from yet, then takes the least loaded: about half each (Serve's
+    # default router sent all 8 to the old shard now and then: the new one had no cached queue length)
+    assert len(ran) == 2 and all(n >= sum(ran.values()) / 4 for n in ran.values()), ran
+    print(f"the second wave's tokens per shard: {sorted(ran.values())}")
 
     # after the burst: a stream in flight while Serve takes a shard away; it completes unchanged
     long_prompt = [11, 12, 13]

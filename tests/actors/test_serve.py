@@ -50,7 +50,9 @@ APP_ARGS = {"served_model_name": "tiny", "attention_shards": 1, "expert_shards":
             # Serve counts a request as queued until it is assigned, even to an idle shard: a burst of 3 against a
             # queue of 2 got a 503 now and then
             "max_num_requests": MAX_NUM_REQUESTS, "max_queued_shard_requests": 8,
-            "max_ongoing_requests": 48, "max_queued_requests": 16, "min_replicas": 1, "max_replicas": 1,
+            # the ingress's own queue (Serve's proxy answers it with a plain-text 503) holds a whole overload
+            # burst, so that the limit hit is the shard's, which the ingress answers with an OpenAI error body
+            "max_ongoing_requests": 48, "max_queued_requests": 2 * OVERLOAD, "min_replicas": 1, "max_replicas": 1,
             "max_body_bytes": 65536, "step_timeout_s": 20.0, "recovery_timeout_s": RECOVERY_TIMEOUT_S,
             "output_timeout_s": OUTPUT_TIMEOUT_S, "api_key": None, "api_key_env": None}
 
@@ -690,6 +692,9 @@ def test_serve_config_file_is_valid():
     assert shard_scaling.target_ongoing_requests == app.args["target_shard_requests"]
     assert shards.max_ongoing_requests == app.args["max_num_requests"]
     assert shards.ray_actor_options["resources"] == {"attention_node": 1.0}
+    from latentmoe.actors.shard_router import ROUTER_PATH
+
+    assert shards._deployment_config.request_router_config.request_router_class == ROUTER_PATH
     assert (ingress.max_ongoing_requests, ingress.max_queued_requests) == (
         app.args["max_ongoing_requests"], app.args["max_queued_requests"])
     autoscaling = ingress._deployment_config.autoscaling_config
