@@ -202,6 +202,25 @@ def rebalance(
 ):
     """Rebalance a running server's expert placement (copies of hot experts, groups packed by load): the
     expert shards load their new slots while serving, then every shard switches at one step boundary."""
+    _call_coordinator("rebalance", "rebalance", (not if_needed, window_s, mode), ray_address, ray_port)
+
+
+@app.command("expert-shards")
+def expert_shards(
+    num: int = typer.Argument(..., help="The number of expert shards to run."),
+    window_s: float = typer.Option(60, help="Place the experts on the new shards by the expert load of the last "
+                                   "this many seconds (the start-up placement when nothing was measured)."),
+    ray_address: Optional[str] = typer.Option(None, help="Ray cluster (default: the one on this machine)."),
+    ray_port: int = typer.Option(6379, help="GCS port of the local cluster, when it was started here."),
+):
+    """Change a running server's number of expert shards: the new shards start with their slices (Ray's
+    autoscaler brings expert nodes for them), the staying ones load theirs while serving, then every shard
+    switches at one step boundary and the shards no longer needed stop."""
+    _call_coordinator("expert-shards", "scale_experts", (num, window_s), ray_address, ray_port)
+
+
+def _call_coordinator(command: str, method: str, args: tuple, ray_address: Optional[str], ray_port: int) -> None:
+    """Call a running server's coordinator and print its JSON answer; exit 1 with the reason on an error."""
     import json
 
     import ray
@@ -213,12 +232,12 @@ def rebalance(
         ensure_ray(ray_address, port=ray_port, start=False)
         coordinator = ray.get_actor(COORDINATOR_NAME, namespace=ROUTER_NAMESPACE)
     except (RuntimeError, ValueError) as e:
-        typer.echo(f"rebalance: {e}", err=True)
+        typer.echo(f"{command}: {e}", err=True)
         raise typer.Exit(1) from None
     try:
-        report = ray.get(coordinator.rebalance.remote(not if_needed, window_s, mode), timeout=600)
+        report = ray.get(getattr(coordinator, method).remote(*args), timeout=600)
     except ray.exceptions.RayTaskError as e:
-        typer.echo(f"rebalance: {e.cause!r}" if getattr(e, "cause", None) else f"rebalance: {e}", err=True)
+        typer.echo(f"{command}: {e.cause!r}" if getattr(e, "cause", None) else f"{command}: {e}", err=True)
         raise typer.Exit(1) from None
     typer.echo(json.dumps(report, indent=2))
 

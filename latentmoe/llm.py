@@ -189,6 +189,15 @@ class LLM:
 
         return ray.get(self.coordinator.rebalance.remote(force, window_s, mode), timeout=self.timeout_s)
 
+    def scale_experts(self, num_expert: int, window_s: float | None = None) -> dict:
+        """Change the number of expert shards while running (the coordinator's ``scale_experts``): new shards
+        with their slices, one switch, the old ones go; returns what changed and its parts' times."""
+        import ray
+
+        report = ray.get(self.coordinator.scale_experts.remote(num_expert, window_s), timeout=self.timeout_s)
+        self.shard_info = ray.get(self.coordinator.status.remote(), timeout=self.timeout_s)
+        return report
+
     def expert_placement(self) -> dict:
         """The expert placement in force: version, slots of each expert shard, copies, the latest rebalances."""
         import ray

@@ -46,7 +46,7 @@ class Coordinator:
         # the expert placement in force (the newest group's), versioned; rebalance() makes the next one
         self.placement = eplb.ReplicatedPlacement.build(self.model_config, num_expert,
                                                         self.engine_config.redundant_experts)
-        self.rebalances: list[dict] = []  # the latest placement changes, newest last
+        self.rebalances: list[dict] = []  # the latest placement changes (rebalances, expert shard counts), newest last
         self._rebalancing = asyncio.Lock()
         self.start_timeout_s, self.step_timeout_s = start_timeout_s, step_timeout_s
         self.recovery_timeout_s = start_timeout_s if recovery_timeout_s is None else recovery_timeout_s
@@ -58,7 +58,7 @@ class Coordinator:
         self.handles: dict[str, object] = {}  # member id -> its actor (attention: the replica's own actor)
         self.attention_info: dict[str, dict] = {}  # member id -> what it registered with (max_model_len, ...)
         self.load_index: dict[str, int] = {}  # attention member id -> its row in the load window
-        self.incarnations = [0] * num_expert
+        self.incarnations: dict[int, int] = {}  # expert slot -> its latest shard's incarnation
         self.joined: dict[int, set[str]] = {}
         self._changed = asyncio.Condition()  # notified on every new group (and on a fatal error)
         self._reforming: asyncio.Task | None = None
@@ -99,32 +99,41 @@ class Coordinator:
             raise RuntimeError(self.error)
 
     async def _adopt(self) -> bool:
-        """After a restart: the expert shards by name, the group from the first one that answers."""
-        for slot in range(self.num_expert):
+        """After a restart: the expert shards by name (their number may have changed since this coordinator was
+        first made: every slot a shard could have is looked up), the group from the newest one that answers."""
+        found = {}
+        for slot in range(max(self.num_expert, self.model_config.n_routed_experts)):
             try:
-                self.handles[f"slot-{slot}"] = ray.get_actor(expert_actor_name(self.name, slot),
-                                                             namespace=ROUTER_NAMESPACE)
+                found[slot] = ray.get_actor(expert_actor_name(self.name, slot), namespace=ROUTER_NAMESPACE)
             except ValueError:
-                return False
-        states = await asyncio.gather(*(asyncio.wait_for(self.handles[f"slot-{s}"].state.remote(), 10)
-                                        for s in range(self.num_expert)), return_exceptions=True)
+                continue
+        if not found:
+            return False
+        states = await asyncio.gather(*(asyncio.wait_for(h.state.remote(), 10) for h in found.values()),
+                                      return_exceptions=True)
         groups = [s["group"] for s in states if isinstance(s, dict) and s["group"] is not None]
         if not groups:
             return False
         group = max(groups, key=lambda g: g.epoch)
+        experts = [m for m in group.members if m.kind == EXPERT]
+        if any(m.slot not in found for m in experts):
+            return False
+        self.num_expert = len(experts)
+        self.membership.num_expert = self.num_expert
         self.membership.adopt(group)
         if group.placement is not None:
             self.placement = group.placement
-        for m in group.members:
-            if m.kind == EXPERT:
-                self.handles[m.id] = self.handles[f"slot-{m.slot}"]
-                self.incarnations[m.slot] = int(m.id.rsplit(".", 1)[1])
-        for slot in range(self.num_expert):
-            del self.handles[f"slot-{slot}"]
+        self.load.num_shards = self.num_expert
+        for m in experts:
+            self.handles[m.id] = found.pop(m.slot)
+            self.incarnations[m.slot] = int(m.id.rsplit(".", 1)[1])
+        for handle in found.values():  # started for an expert shard change that the restart cut short
+            ray.kill(handle)
         return True
 
-    async def _new_expert(self, slot: int) -> dict:
-        """Start the expert shard of ``slot`` (a replacement takes the name once the dead one has let it go)."""
+    async def _new_expert(self, slot: int, placement=None) -> dict:
+        """Start the expert shard of ``slot``, loading its slots of ``placement`` (default: the one in force; a
+        replacement takes the name once the dead one has let it go)."""
         name = expert_actor_name(self.name, slot)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -133,13 +142,13 @@ class Coordinator:
             except ValueError:
                 break
             await asyncio.sleep(0.2)
-        self.incarnations[slot] += 1
+        self.incarnations[slot] = self.incarnations.get(slot, 0) + 1
         resources = {EXPERT_RESOURCE: 1.0} if self.place_by_role else {}
         handle = ExpertShardActor.options(
             name=name, namespace=ROUTER_NAMESPACE, lifetime="detached", max_restarts=0, num_cpus=1,
             num_gpus=1 if self.gpu else 0, resources=resources, scheduling_strategy="SPREAD",
             runtime_env=shard_runtime_env(), enable_task_events=False).remote(
-                self.config_dict, self.placement, slot, self._self(), self.incarnations[slot],
+                self.config_dict, placement or self.placement, slot, self._self(), self.incarnations[slot],
                 self.collective_timeout_s)
         timeout_s = self.recovery_timeout_s if self._started.done() else self.start_timeout_s
         try:
@@ -278,12 +287,10 @@ class Coordinator:
         self._check_window(window_s)
         async with self._rebalancing:
             started = time.monotonic()
-            summary = self.load.summary(float(window_s))
-            rows = list(summary["tokens_per_expert"].values())
-            load = torch.tensor(rows, dtype=torch.float64).sum(0) if rows else None
-            report = {"time": time.time(), "version": self.placement.version, "window_s": window_s,
-                      "mode": mode, "forced": force, "changed": False}
-            if load is None or float(load.sum()) == 0:
+            summary, load = self._measured_load(window_s)
+            report = {"time": time.time(), "kind": "rebalance", "version": self.placement.version,
+                      "window_s": window_s, "mode": mode, "forced": force, "changed": False}
+            if load is None:
                 return report | {"reason": f"no expert load measured in the last {window_s:g} s"}
             S, redundant = self.num_expert, self.engine_config.redundant_experts
             new = eplb.rebalance(self.model_config, load, S, redundant, version=self.placement.version + 1,
@@ -322,6 +329,82 @@ class Coordinator:
                 self.metrics.rebalances.inc()
                 self.metrics.rebalance_seconds.set(report["total_s"])
             logger.info("latentmoe coordinator: placement v%d: %s", new.version, report)
+            return report
+
+    def _measured_load(self, window_s: float) -> tuple[dict, torch.Tensor | None]:
+        """The load window's summary and the tokens per expert summed over the MoE layers (None if nothing)."""
+        summary = self.load.summary(float(window_s))
+        rows = list(summary["tokens_per_expert"].values())
+        load = torch.tensor(rows, dtype=torch.float64).sum(0) if rows else None
+        return summary, load if load is not None and float(load.sum()) > 0 else None
+
+    async def scale_experts(self, num_expert: int, window_s: float | None = None) -> dict:
+        """Change the number of expert shards to ``num_expert`` under live traffic. The placement over the new
+        number is balanced on the expert load of the last ``window_s`` seconds (default ``eplb_window_s``), or
+        is the start-up one when nothing was measured; the new shards start with their slots and the staying
+        ones load theirs while the steps go on; then one group under a new epoch, which every member switches
+        to at the same step boundary; the shards past the new number stop after it. Nothing in flight is lost
+        and outputs do not change. Returns what it did, with its parts' times (``start_s``: the new shards up,
+        Ray's autoscaler bringing their nodes included; ``load_s``; ``switch_s``; ``stop_s``)."""
+        await self.start()
+        if isinstance(num_expert, bool) or not isinstance(num_expert, int) or num_expert < 1:
+            raise ValueError(f"num_expert must be a positive integer, got {num_expert!r}")
+        window_s = self.engine_config.eplb_window_s if window_s is None else window_s
+        self._check_window(window_s)
+        async with self._rebalancing:
+            started, before = time.monotonic(), self.num_expert
+            report = {"time": time.time(), "kind": "expert_shards", "version": self.placement.version,
+                      "window_s": window_s, "expert_shards_before": before, "expert_shards": num_expert,
+                      "changed": False}
+            if num_expert == before:
+                return report | {"reason": f"the cluster has {before} expert shards already"}
+            if self.error is not None or self.membership.group is None:
+                raise RuntimeError(f"the cluster is not serving: {self.error or 'no group formed yet'}")
+            _, load = self._measured_load(window_s)
+            redundant, version = self.engine_config.redundant_experts, self.placement.version + 1
+            new = eplb.ReplicatedPlacement.build(self.model_config, num_expert, redundant, version=version) \
+                if load is None else eplb.rebalance(self.model_config, load, num_expert, redundant, version=version)
+            report["balanced_on_load"] = load is not None
+            up_start = time.monotonic()
+            infos = await asyncio.gather(*(self._new_expert(slot, new) for slot in range(before, num_expert)),
+                                         return_exceptions=True)
+            failed = [i for i in infos if isinstance(i, BaseException)]
+            if failed:
+                for info in infos:
+                    if not isinstance(info, BaseException):
+                        ray.kill(self.handles.pop(info["member"].id))
+                raise RuntimeError(f"{len(failed)} of {num_expert - before} new expert shards did not come up: "
+                                   f"{failed[0]!r}")
+            report["start_s"] = round(time.monotonic() - up_start, 3)
+            staying = [m for m in self.membership.group.members if m.kind == EXPERT and m.slot < num_expert]
+            load_start = time.monotonic()
+            loads = await asyncio.gather(*(asyncio.wait_for(self.handles[m.id].prepare.remote(new),
+                                                            self.recovery_timeout_s) for m in staying))
+            report |= {"load_s": round(time.monotonic() - load_start, 3), "shard_load_s": [r["load_s"] for r in loads]}
+            switch_start = time.monotonic()
+            gone = self.membership.resize(num_expert, [info["member"] for info in infos])
+            self.num_expert, self.placement, self.load.num_shards = num_expert, new, num_expert
+            self._schedule_reform()
+            await asyncio.shield(self._reforming)
+            group = self.membership.group
+            switched = getattr(group.placement, "version", None) == new.version and len(group.expert_ranks) == \
+                num_expert
+            report["switch_s"] = round(time.monotonic() - switch_start, 3)
+            stop_start = time.monotonic()
+            for member in gone:  # out of the group in force: nothing reaches them any more
+                handle = self.handles.pop(member.id, None)
+                if handle is not None:
+                    ray.kill(handle)
+            report |= {"changed": switched, "version": self.placement.version, "epoch": self.membership.epoch,
+                       "copies": new.num_copies, "max_devices_per_token": new.max_devices_per_token,
+                       "stop_s": round(time.monotonic() - stop_start, 3),
+                       "total_s": round(time.monotonic() - started, 3)}
+            if not switched:
+                report["reason"] = "the group did not re-form with the new expert shards"
+            self.rebalances = (self.rebalances + [report])[-20:]
+            if switched:
+                self.metrics.expert_shard_changes.inc()
+            logger.info("latentmoe coordinator: %d -> %d expert shards: %s", before, num_expert, report)
             return report
 
     async def _eplb_policy(self) -> None:

@@ -82,5 +82,7 @@ class ClusterMetrics:
                                           "Expert placement changes applied (rebalancing).")
         self.rebalance_seconds = metrics.Gauge("latentmoe_expert_rebalance_seconds",
                                                "Time the latest rebalance took, from plan to switch.")
+        self.expert_shard_changes = metrics.Counter("latentmoe_expert_shard_changes_total",
+                                                    "Changes of the number of expert shards under traffic.")
         self.recoveries = metrics.Counter("latentmoe_recoveries_total",
                                           "Faults recovered from: shards replaced, group re-formed, requests kept.")

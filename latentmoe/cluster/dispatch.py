@@ -28,6 +28,7 @@ import torch
 
 from latentmoe.cluster.communicator import Communicator
 from latentmoe.cluster.placement import ExpertPlacement
+from latentmoe.cluster.telemetry import plus
 
 
 @dataclass
@@ -84,9 +85,9 @@ class DispatchStats:
         counts = torch.bincount(topk_ids.flatten(), minlength=self.num_experts).tolist()
         row = self.tokens_per_expert.setdefault(layer, [0] * self.num_experts)
         self.tokens_per_expert[layer] = [a + b for a, b in zip(row, counts)]
-        self.tokens_per_shard = [a + b for a, b in zip(self.tokens_per_shard, plan.send_counts)]
+        self.tokens_per_shard = plus(self.tokens_per_shard, plan.send_counts)
         pairs = torch.stack([rows.sum() for rows in (plan.slot_ids >= 0).sum(1).split(plan.send_counts)]).tolist()
-        self.pairs_per_shard = [a + b for a, b in zip(self.pairs_per_shard, pairs)]
+        self.pairs_per_shard = plus(self.pairs_per_shard, pairs)
         hist = torch.bincount(plan.devices_per_token, minlength=self.max_k + 1).tolist()
         self.devices_histogram = [a + b for a, b in zip(self.devices_histogram, hist)]
         self.ideal_bytes += int(plan.devices_per_token.sum()) * bytes_per_row
@@ -95,8 +96,8 @@ class DispatchStats:
         for layer, row in other.tokens_per_expert.items():
             mine = self.tokens_per_expert.setdefault(layer, [0] * self.num_experts)
             self.tokens_per_expert[layer] = [a + b for a, b in zip(mine, row)]
-        self.tokens_per_shard = [a + b for a, b in zip(self.tokens_per_shard, other.tokens_per_shard)]
-        self.pairs_per_shard = [a + b for a, b in zip(self.pairs_per_shard, other.pairs_per_shard)]
+        self.tokens_per_shard = plus(self.tokens_per_shard, other.tokens_per_shard)
+        self.pairs_per_shard = plus(self.pairs_per_shard, other.pairs_per_shard)
         self.devices_histogram = [a + b for a, b in zip(self.devices_histogram, other.devices_histogram)]
         self.a2a_bytes += other.a2a_bytes
         self.a2a_counts_bytes += other.a2a_counts_bytes

@@ -1,10 +1,10 @@
 """Membership of the collective group, as plain Python: who is in it, under which epoch, at which rank.
 
 The coordinator (``latentmoe.actors.coordinator``) keeps one ``Membership``; every change — an attention
-shard joining (scale-out, a replacement) or leaving (scale-in, a death), an expert shard replaced — makes a
-new ``Group`` under the next epoch, which every member switches to at its next step boundary. Ranks: the
-expert shards first, in slot order (rank 0 is expert slot 0, which also hosts the rendezvous), then the
-attention shards in the order they joined.
+shard joining (scale-out, a replacement) or leaving (scale-in, a death), an expert shard replaced, expert
+shards added or removed — makes a new ``Group`` under the next epoch, which every member switches to at its
+next step boundary. Ranks: the expert shards first, in slot order (rank 0 is expert slot 0, which also hosts
+the rendezvous), then the attention shards in the order they joined.
 """
 
 from __future__ import annotations
@@ -102,6 +102,15 @@ class Membership:
             if m.id == member_id:
                 return self.experts.pop(slot)
         return None
+
+    def resize(self, num_expert: int, joining: list[Member] = ()) -> list[Member]:
+        """The number of expert slots changes (with the placement, at the next group): ``joining`` fill the new
+        slots; the shards of slots past the new number are out of the next group. Returns those."""
+        gone = [self.experts.pop(slot) for slot in sorted(self.experts) if slot >= num_expert]
+        self.num_expert = num_expert
+        for member in joining:
+            self.join(member)
+        return gone
 
     def next_members(self) -> tuple[Member, ...]:
         """The members of the next group: every expert slot in order, then attention shards not leaving."""

@@ -19,6 +19,14 @@ def imbalance(counts: list[int]) -> float:
     return max(counts) * len(counts) / total if total else 0.0
 
 
+def plus(a: list[int], b: list[int]) -> list[int]:
+    """Element-wise sum of two count lists, the shorter one padded with zeros: per-shard counts grow when the
+    number of expert shards does, and keep the counts of shards that went."""
+    if len(a) < len(b):
+        a, b = b, a
+    return [x + (b[i] if i < len(b) else 0) for i, x in enumerate(a)]
+
+
 @dataclass
 class LoadDelta:
     time: float
@@ -31,11 +39,19 @@ class LoadDelta:
 
 
 def _sub(a: list[int], b: list[int] | None) -> list[int]:
-    return list(a) if b is None else [x - y for x, y in zip(a, b)]
+    """``a - b``, ``b`` padded with zeros (a shard's per-shard counts grow when expert shards are added)."""
+    b = b or []
+    return [x - (b[i] if i < len(b) else 0) for i, x in enumerate(a)]
 
 
 def _add(a: list[int] | None, b: list[int]) -> list[int]:
-    return list(b) if a is None else [x + y for x, y in zip(a, b)]
+    return list(b) if a is None else plus(a, b)
+
+
+def _fit(counts: list[int] | None, n: int) -> list[int]:
+    """The first ``n`` counts, zeros added: the expert shards in force (those that went are left out)."""
+    counts = list(counts or [])[:n]
+    return counts + [0] * (n - len(counts))
 
 
 @dataclass
@@ -63,8 +79,7 @@ class ExpertLoadWindow:
             time=now,
             tokens_per_expert={int(k): _sub(v, prev_experts.get(k)) for k, v in snapshot["tokens_per_expert"].items()},
             tokens_per_shard=_sub(snapshot["tokens_per_shard"], prev.get("tokens_per_shard")),
-            pairs_per_shard=_sub(snapshot.get("pairs_per_shard") or [0] * self.num_shards,
-                                 prev.get("pairs_per_shard")),
+            pairs_per_shard=_sub(snapshot.get("pairs_per_shard") or [], prev.get("pairs_per_shard")),
             devices_histogram=_sub(snapshot["devices_histogram"], prev.get("devices_histogram")),
             a2a_bytes=snapshot["a2a_bytes"] - prev.get("a2a_bytes", 0),
             ideal_bytes=snapshot["ideal_bytes"] - prev.get("ideal_bytes", 0),
@@ -89,8 +104,7 @@ class ExpertLoadWindow:
             shards, devices = _add(shards, d.tokens_per_shard), _add(devices, d.devices_histogram)
             pairs = _add(pairs, d.pairs_per_shard)
             a2a, ideal = a2a + d.a2a_bytes, ideal + d.ideal_bytes
-        shards = shards or [0] * self.num_shards
-        pairs = pairs or [0] * self.num_shards
+        shards, pairs = _fit(shards, self.num_shards), _fit(pairs, self.num_shards)
         devices = devices or [0] * (self.max_k + 1)
         layers = sorted(experts)
         hottest = sorted(((counts[e], layer, e) for layer, counts in experts.items() for e in range(len(counts))),

@@ -242,3 +242,63 @@ def test_rebalancing_with_streams_in_flight(cluster, skewed_dir, mode, redundant
         assert not again["changed"] and again["reason"], again
     finally:
         llm.shutdown()
+
+
+def test_expert_shards_two_to_four_and_back_with_streams_in_flight(cluster, tiny_dir):
+    """E 2 -> 4 -> 2 under load: each change with streams in flight (new shards start with their slices, the
+    staying ones load theirs, one switch, the shards no longer needed stop); every stream's greedy tokens those
+    of the single process; after each change every expert shard of the new number computes, the others none."""
+    rng = random.Random(5)
+    prompts = [[rng.randrange(2, 1024) for _ in range(rng.randrange(4, 24))] for _ in range(8)]
+    params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(model=str(tiny_dir)).generate(prompts, params)]
+    llm = LLM(model=str(tiny_dir), attention_shards=1, expert_shards=2, block_size=16, num_blocks=256,
+              timeout_s=TIMEOUT)
+
+    async def change_under_streams(num_expert: int):
+        streams = [llm.router.generate(p, params) for p in prompts]
+        firsts = await asyncio.wait_for(asyncio.gather(*(s.__anext__() for s in streams)), TIMEOUT)
+
+        async def rest(stream, first):
+            tokens = list(first.delta_token_ids)
+            async for out in stream:
+                tokens += out.delta_token_ids
+            return tokens
+
+        tasks = [asyncio.ensure_future(rest(s, f)) for s, f in zip(streams, firsts)]
+        report = await asyncio.wait_for(llm.coordinator.scale_experts.remote(num_expert, 600.0), TIMEOUT)
+        in_flight = sum(not t.done() for t in tasks)
+        return report, in_flight, await asyncio.wait_for(asyncio.gather(*tasks), TIMEOUT)
+
+    try:
+        assert [o.token_ids for o in llm.generate(prompts[:2], params)] == expected[:2]
+        for num_expert in (4, 2):
+            report, in_flight, outputs = asyncio.run(change_under_streams(num_expert))
+            print(f"\n{report['expert_shards_before']} -> {num_expert} expert shards, {in_flight} of {len(prompts)} "
+                  f"streams in flight after it: {report}")
+            assert in_flight > 0  # the switch came while the streams ran
+            assert outputs == expected  # nothing lost, duplicated or changed across the switch
+            assert report["changed"] and report["expert_shards"] == num_expert, report
+            assert report["balanced_on_load"]  # the load of the streams before it placed the experts
+            status = ray.get(llm.coordinator.status.remote(), timeout=TIMEOUT)
+            assert status["expert_shards"] == num_expert and status["error"] is None
+            slots = sorted(info["slot"] for info in llm.shards()["expert"])
+            assert slots == list(range(num_expert))
+            placement = llm.expert_placement()
+            assert len(placement["slots"]) == num_expert and set(placement["primary_shard"]) == set(range(num_expert))
+
+            before = llm.dispatch_stats()["pairs_per_shard"]
+            assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+            after = llm.dispatch_stats()["pairs_per_shard"]
+            work = [b - (before[i] if i < len(before) else 0) for i, b in enumerate(after)]
+            assert all(n > 0 for n in work[:num_expert]) and not any(work[num_expert:]), work
+            reached = max(n for n, c in enumerate(llm.dispatch_stats()["devices_histogram"]) if c)
+            assert reached <= TINY_CONFIG["topk_group"]
+        cache = llm.cache_stats()
+        assert cache["num_free_blocks"] == cache["num_blocks"]
+        again = llm.scale_experts(2)
+        assert not again["changed"] and "already" in again["reason"]
+        with pytest.raises(ray.exceptions.RayTaskError, match="num_expert must be a positive integer"):
+            llm.scale_experts(0)
+    finally:
+        llm.shutdown()

@@ -869,6 +869,37 @@ def test_rebalance_command_switches_the_placement_while_serving(server, client, 
     wait_idle(server)
 
 
+def test_expert_shards_command_changes_the_number_while_serving(server, client, reference):
+    """`latentmoe expert-shards N` against the running server, 2 -> 1 -> 2: /health and /v1/expert-load show
+    the number in force, every reply is what it was, and a bad number gets a clear error."""
+    import subprocess
+
+    cli = ROOT / ".venv" / "bin" / "latentmoe"
+
+    def expert_shards(*args):
+        return subprocess.run([str(cli) if cli.exists() else "latentmoe", "expert-shards", *args, "--ray-address",
+                               server["cluster"].address], capture_output=True, text=True, timeout=300)
+
+    expected = reference.generate("the experts", greedy(16))[0].text
+    for num in (1, 2):
+        epoch = httpx.get(server["http"] + "/health", timeout=30).json()["epoch"]
+        run = expert_shards(str(num), "--window-s", "600")
+        assert run.returncode == 0, run.stderr[-3000:]
+        report = json.loads(run.stdout)
+        assert report["changed"] and report["expert_shards"] == num, report
+        health = httpx.get(server["http"] + "/health", timeout=30).json()
+        assert health["expert_shards"] == num and health["epoch"] > epoch, health
+        placement = httpx.get(server["http"] + "/v1/expert-load", params={"window_s": 600},
+                              timeout=30).json()["placement"]
+        assert len(placement["slots"]) == num and placement["rebalances"][-1]["kind"] == "expert_shards"
+        out = client.completions.create(model="tiny", prompt="the experts", max_tokens=16, temperature=0)
+        assert out.choices[0].text == expected
+    bad = expert_shards("0")
+    assert bad.returncode == 1 and "num_expert must be a positive integer" in bad.stderr, bad.stderr[-2000:]
+    assert httpx.get(server["http"] + "/health", timeout=30).json()["expert_shards"] == 2
+    wait_idle(server)
+
+
 # ---- security defaults: an API key, request size limits ---------------------------------------------------------
 
 

@@ -65,6 +65,28 @@ def test_a_restarted_coordinator_adopts_the_running_group():
     assert m.new_group("gloo", None).epoch == 8
 
 
+def test_more_and_fewer_expert_shards_make_one_new_epoch_each():
+    m = Membership(num_expert=2)
+    for slot in (0, 1):
+        m.join(expert(slot))
+    m.join(attention("a"))
+    m.new_group("gloo", None)
+    assert m.resize(4, [expert(2), expert(3)]) == [] and m.complete()
+    group = m.new_group("gloo", None)
+    assert group.epoch == 2 and [x.id for x in group.members] == [
+        "expert-0.1", "expert-1.1", "expert-2.1", "expert-3.1", "attention-a"]
+    with pytest.raises(AssertionError, match="expert slot 4 of 4"):
+        m.join(expert(4))
+    gone = m.resize(1)
+    assert [x.id for x in gone] == ["expert-1.1", "expert-2.1", "expert-3.1"] and m.complete()
+    group = m.new_group("gloo", None)
+    assert group.epoch == 3 and group.expert_ranks == [0] and group.attention_ids == ["attention-a"]
+    m.resize(2)  # a slot without its shard yet: no group until it joins
+    assert not m.complete()
+    m.join(expert(1, incarnation=2))
+    assert m.complete() and m.next_members()[1].id == "expert-1.2"
+
+
 def test_member_kinds_are_checked():
     with pytest.raises(AssertionError, match="unknown member kind"):
         Member("x", "router")
