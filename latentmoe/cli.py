@@ -132,6 +132,14 @@ def serve(
     eplb_mode: str = typer.Option("repack", help="Expert load balancing: 'repack' (DeepSeek's: groups packed onto "
                                   "shards by load, then copies of hot experts) or 'copies' (move only the copies; "
                                   "tokens keep their shards)."),
+    expert_shards_policy: Optional[str] = typer.Option(
+        None, help="The number of expert shards by a policy, 'module:function', asked every --eplb-interval-s "
+        "(built in: latentmoe.cluster.eplb:shards_for_work)."),
+    expert_shards_policy_args: str = typer.Option("{}", help="Keyword arguments of the policy, as JSON (e.g. "
+                                                  "'{\"target_pairs_per_s\": 5000, \"max_shards\": 8}')."),
+    max_expert_shards: Optional[int] = typer.Option(None, help="The most expert shards the local cluster started "
+                                                    "when none runs has room for (default: --expert-shards), for "
+                                                    "`latentmoe expert-shards` or the policy to grow into."),
     ray_address: Optional[str] = typer.Option(None, help="Ray cluster (default: the one on this machine; with "
                                               "none running, a local multi-node cluster is started and stopped)."),
     ray_port: int = typer.Option(6379, help="GCS port of the local cluster started when none runs."),
@@ -153,12 +161,19 @@ def serve(
     from latentmoe.actors.cluster import ensure_ray, stop_coordinator
     from latentmoe.actors.serve_app import GRPC_SERVICERS, ServeArgs, build_app
 
+    import json
+
     echo = lambda m: typer.echo(m, err=True)  # noqa: E731
+    try:
+        policy_args = json.loads(expert_shards_policy_args)
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"--expert-shards-policy-args is not JSON: {e}") from None
     args = {"model": str(model) if model else None, "attention_shards": attention_shards,
             "expert_shards": expert_shards,
             "engine": {"dtype": dtype, "device": device, "micro_batches": micro_batches,
                        "redundant_experts": redundant_experts, "eplb_interval_s": eplb_interval_s,
-                       "eplb_threshold": eplb_threshold, "eplb_mode": eplb_mode},
+                       "eplb_threshold": eplb_threshold, "eplb_mode": eplb_mode,
+                       "expert_shards_policy": expert_shards_policy, "expert_shards_policy_args": policy_args},
             "max_replicas": max_replicas, "api_key": api_key or None,
             "target_shard_requests": target_shard_requests, "downscale_delay_s": downscale_delay_s}
     try:
@@ -166,8 +181,8 @@ def serve(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     # the cluster given, or the one on this machine; with none, a local multi-node one that ends with the server
-    started_cluster = ensure_ray(ray_address, most_attention, expert_shards, echo=echo, record=True,
-                                 port=ray_port, dashboard=ray_dashboard)
+    started_cluster = ensure_ray(ray_address, most_attention, max(expert_shards, max_expert_shards or 0), echo=echo,
+                                 record=True, port=ray_port, dashboard=ray_dashboard)
     stop = threading.Event()
     try:
         ray_serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": http_port},

@@ -12,6 +12,7 @@ its expert shards by name and the group from them, and the attention shards regi
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import time
 import uuid
@@ -46,6 +47,7 @@ class Coordinator:
         # the expert placement in force (the newest group's), versioned; rebalance() makes the next one
         self.placement = eplb.ReplicatedPlacement.build(self.model_config, num_expert,
                                                         self.engine_config.redundant_experts)
+        self.expert_policy = _import_policy(self.engine_config.expert_shards_policy)
         self.rebalances: list[dict] = []  # the latest placement changes (rebalances, expert shard counts), newest last
         self._rebalancing = asyncio.Lock()
         self.start_timeout_s, self.step_timeout_s = start_timeout_s, step_timeout_s
@@ -60,6 +62,7 @@ class Coordinator:
         self.load_index: dict[str, int] = {}  # attention member id -> its row in the load window
         self.incarnations: dict[int, int] = {}  # expert slot -> its latest shard's incarnation
         self.joined: dict[int, set[str]] = {}
+        self._departing: set[str] = set()  # expert shards of the group in force that the next one leaves out
         self._changed = asyncio.Condition()  # notified on every new group (and on a fatal error)
         self._reforming: asyncio.Task | None = None
         self._recovering: set[int] = set()  # epochs whose fault is being handled
@@ -236,6 +239,9 @@ class Coordinator:
             for member in group.members:
                 if member.kind == EXPERT:
                     self.handles[member.id].assign.remote(group)
+            for member_id in self._departing:  # expert shards out of this group: told too, so that they take part
+                if member_id in self.handles:  # in the round that switches (parked, they would hold it) and leave
+                    self.handles[member_id].assign.remote(group)
             previous_attention = [i for i in self.handles if i.startswith("attention") and i not in group.attention_ids]
             async with self._changed:
                 self._changed.notify_all()  # attention shards' watches return the new group
@@ -383,6 +389,7 @@ class Coordinator:
             report |= {"load_s": round(time.monotonic() - load_start, 3), "shard_load_s": [r["load_s"] for r in loads]}
             switch_start = time.monotonic()
             gone = self.membership.resize(num_expert, [info["member"] for info in infos])
+            self._departing = {member.id for member in gone}
             self.num_expert, self.placement, self.load.num_shards = num_expert, new, num_expert
             self._schedule_reform()
             await asyncio.shield(self._reforming)
@@ -391,7 +398,8 @@ class Coordinator:
                 num_expert
             report["switch_s"] = round(time.monotonic() - switch_start, 3)
             stop_start = time.monotonic()
-            for member in gone:  # out of the group in force: nothing reaches them any more
+            self._departing = set()
+            for member in gone:  # they left with the switch: nothing reaches them any more
                 handle = self.handles.pop(member.id, None)
                 if handle is not None:
                     ray.kill(handle)
@@ -408,16 +416,31 @@ class Coordinator:
             return report
 
     async def _eplb_policy(self) -> None:
-        """Every ``eplb_interval_s``: rebalance when the imbalance is over the threshold (rate-limited by the
-        interval itself; a failed attempt is logged and tried again next time)."""
+        """Every ``eplb_interval_s``: the number of expert shards the ``expert_shards_policy`` wants, if it wants
+        another; else rebalance when the imbalance is over the threshold (rate-limited by the interval itself; a
+        failed attempt is logged and tried again next time)."""
         while True:
             await asyncio.sleep(self.engine_config.eplb_interval_s)
             if self.error is not None or self.membership.group is None:
                 continue
             try:
-                await self.rebalance(force=False)
+                wanted = self._wanted_expert_shards()
+                if wanted is not None and wanted != self.num_expert:
+                    await self.scale_experts(wanted)
+                else:
+                    await self.rebalance(force=False)
             except Exception:  # noqa: BLE001: an expert shard slow or gone: the fault path handles it
-                logger.exception("latentmoe coordinator: rebalancing failed")
+                logger.exception("latentmoe coordinator: the expert placement policy failed")
+
+    def _wanted_expert_shards(self) -> int | None:
+        if self.expert_policy is None:
+            return None
+        window_s = self.engine_config.eplb_window_s
+        wanted = self.expert_policy(self.load.summary(float(window_s)), self.num_expert,
+                                    **self.engine_config.expert_shards_policy_args)
+        if wanted is not None and (isinstance(wanted, bool) or not isinstance(wanted, int) or wanted < 1):
+            raise ValueError(f"expert_shards_policy returned {wanted!r}: a positive integer or None")
+        return wanted
 
     def _check_window(self, window_s) -> None:
         if isinstance(window_s, bool) or not isinstance(window_s, (int, float)) or \
@@ -599,6 +622,20 @@ class Coordinator:
             if member_id.startswith("expert"):
                 ray.kill(handle)
         self.handles.clear()
+
+
+def _import_policy(path: str | None):
+    """The function ``module:function`` names (``ValueError`` saying why it cannot be had)."""
+    if path is None:
+        return None
+    module, _, name = path.partition(":")
+    try:
+        policy = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"expert_shards_policy {path!r} cannot be imported: {e}") from None
+    if not callable(policy):
+        raise ValueError(f"expert_shards_policy {path!r} is not callable")
+    return policy
 
 
 CoordinatorActor = ray.remote(Coordinator)

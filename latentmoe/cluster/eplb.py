@@ -480,3 +480,15 @@ def slot_changes(old: ReplicatedPlacement, new: ReplicatedPlacement) -> list[tup
                          f"{old.num_experts} vs {new.num_experts} experts")
     return [(s, p, e) for s in range(new.num_shards) for p, e in enumerate(new.physical[s])
             if e >= 0 and (p >= old.slots_per_shard or old.physical[s][p] != e)]
+
+
+def shards_for_work(summary: dict, num_expert: int, *, target_pairs_per_s: float, min_shards: int = 1,
+                    max_shards: int | None = None) -> int:
+    """A policy for ``expert_shards_policy``: as many expert shards as the measured work asks for, at
+    ``target_pairs_per_s`` (token, expert) pairs computed per shard per second (over the window's length), within
+    ``min_shards..max_shards``; like Serve's target of ongoing requests for the attention shards."""
+    if not target_pairs_per_s > 0:
+        raise ValueError(f"target_pairs_per_s must be > 0, got {target_pairs_per_s!r}")
+    rate = sum(summary.get("pairs_per_shard") or []) / float(summary["window_s"])
+    wanted = max(min_shards, math.ceil(rate / target_pairs_per_s))
+    return min(wanted, max_shards) if max_shards is not None else wanted

@@ -116,6 +116,7 @@ class StepLoop:
         self.num_steps = 0
         self.num_idle_rounds = 0  # count collectives that found no work anywhere
         self.num_wakeups = 0  # times this member rang the others
+        self.num_faults = 0  # collectives (or joins) that failed here
         self.left = threading.Event()  # set when an assignment without this member took effect
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name=f"latentmoe-step-{member_id}", daemon=True)
@@ -202,6 +203,7 @@ class StepLoop:
 
     def _fault(self, error: BaseException) -> None:
         epoch = self.epoch
+        self.num_faults += 1
         logger.warning("latentmoe %s: collective failed at epoch %d: %r", self.member_id, epoch, error)
         self._close()
         self.on_fault(epoch, repr(error))
@@ -235,6 +237,7 @@ class StepLoop:
             self.stepper.connect(comm, group)
         except Exception as e:  # noqa: BLE001: a member that never came: the coordinator forms another group
             logger.warning("latentmoe %s: could not join epoch %d: %r", self.member_id, group.epoch, e)
+            self.num_faults += 1
             self.group = group
             self.on_fault(group.epoch, repr(e))
             return

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 
@@ -42,6 +42,12 @@ class EngineConfig:
     eplb_interval_s: float = 0.0
     eplb_window_s: float = 60.0
     eplb_threshold: float = 1.2
+    # the number of expert shards by a policy: "module:function", asked every eplb_interval_s as
+    # function(summary, num_expert, **expert_shards_policy_args) with the expert load window's summary over
+    # eplb_window_s (what /v1/expert-load shows) and the number in force; it returns the number wanted (None: keep).
+    # Built in: "latentmoe.cluster.eplb:shards_for_work" (args target_pairs_per_s, min_shards, max_shards)
+    expert_shards_policy: str | None = None
+    expert_shards_policy_args: dict = field(default_factory=dict)
 
     def __post_init__(self):
         for name in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
@@ -68,6 +74,14 @@ class EngineConfig:
                                  f"got {value!r}")
         if self.eplb_mode not in ("copies", "repack"):
             raise ValueError(f"eplb_mode must be 'copies' or 'repack', got {self.eplb_mode!r}")
+        if self.expert_shards_policy is not None:
+            module, _, name = str(self.expert_shards_policy).partition(":")
+            if not isinstance(self.expert_shards_policy, str) or not module or not name:
+                raise ValueError(f"expert_shards_policy must be 'module:function', got {self.expert_shards_policy!r}")
+            if self.eplb_interval_s <= 0:
+                raise ValueError("expert_shards_policy is asked every eplb_interval_s: set eplb_interval_s > 0")
+        if not isinstance(self.expert_shards_policy_args, dict):
+            raise ValueError(f"expert_shards_policy_args must be a mapping, got {self.expert_shards_policy_args!r}")
         if self.prefill_mla not in ("naive", "absorbed"):
             raise ValueError(f"prefill_mla must be 'naive' or 'absorbed', got {self.prefill_mla!r}")
 

@@ -273,12 +273,14 @@ def test_expert_shards_two_to_four_and_back_with_streams_in_flight(cluster, tiny
     try:
         assert [o.token_ids for o in llm.generate(prompts[:2], params)] == expected[:2]
         for num_expert in (4, 2):
+            epoch = ray.get(llm.coordinator.status.remote(), timeout=TIMEOUT)["epoch"]
             report, in_flight, outputs = asyncio.run(change_under_streams(num_expert))
             print(f"\n{report['expert_shards_before']} -> {num_expert} expert shards, {in_flight} of {len(prompts)} "
                   f"streams in flight after it: {report}")
             assert in_flight > 0  # the switch came while the streams ran
             assert outputs == expected  # nothing lost, duplicated or changed across the switch
             assert report["changed"] and report["expert_shards"] == num_expert, report
+            assert report["epoch"] == epoch + 1  # one switch, no fault on the way
             assert report["balanced_on_load"]  # the load of the streams before it placed the experts
             status = ray.get(llm.coordinator.status.remote(), timeout=TIMEOUT)
             assert status["expert_shards"] == num_expert and status["error"] is None
@@ -296,9 +298,52 @@ def test_expert_shards_two_to_four_and_back_with_streams_in_flight(cluster, tiny
             assert reached <= TINY_CONFIG["topk_group"]
         cache = llm.cache_stats()
         assert cache["num_free_blocks"] == cache["num_blocks"]
+        # idle (every member parked): the shard that goes takes part in the switching round too
+        for num_expert in (1, 2):
+            epoch = ray.get(llm.coordinator.status.remote(), timeout=TIMEOUT)["epoch"]
+            report = llm.scale_experts(num_expert)
+            assert report["changed"] and report["epoch"] == epoch + 1, report
+            assert [o.token_ids for o in llm.generate(prompts[:2], params)] == expected[:2]
+        # no collective failed on the way (a shard left out and parked would hold the switching round until the
+        # collective timeout: the others time out, then join the group they were told of)
+        experts = ray.get(llm.coordinator.shards.remote(), timeout=TIMEOUT)["expert"]
+        assert [ray.get(h.state.remote(), timeout=TIMEOUT)["num_faults"] for h, _ in experts] == [0, 0]
+        assert [st["num_faults"] for st in llm.shard_stats()] == [0]
         again = llm.scale_experts(2)
         assert not again["changed"] and "already" in again["reason"]
         with pytest.raises(ray.exceptions.RayTaskError, match="num_expert must be a positive integer"):
             llm.scale_experts(0)
+    finally:
+        llm.shutdown()
+
+
+def test_a_policy_sets_the_number_of_expert_shards(cluster, tiny_dir):
+    """expert_shards_policy: the built-in shards_for_work with a target so low that any load asks for its most,
+    then a short window that empties when idle: 2 -> 4 under load, back to 2 when idle; replies unchanged."""
+    rng = random.Random(3)
+    prompts = [[rng.randrange(2, 1024) for _ in range(12)] for _ in range(4)]
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    expected = [o.token_ids for o in LLM(model=str(tiny_dir)).generate(prompts, params)]
+    llm = LLM(model=str(tiny_dir), attention_shards=1, expert_shards=2, block_size=16, num_blocks=128,
+              timeout_s=TIMEOUT, eplb_interval_s=1.0, eplb_window_s=4.0, eplb_threshold=1000.0,  # no rebalancing
+              expert_shards_policy="latentmoe.cluster.eplb:shards_for_work",
+              expert_shards_policy_args={"target_pairs_per_s": 1.0, "min_shards": 2, "max_shards": 4})
+
+    def expert_shards() -> int:
+        return ray.get(llm.coordinator.status.remote(), timeout=TIMEOUT)["expert_shards"]
+
+    try:
+        deadline = time.time() + TIMEOUT
+        while expert_shards() != 4:  # under load the policy asks for 4
+            assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+            assert time.time() < deadline, "the policy did not add expert shards"
+        assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+        deadline = time.time() + TIMEOUT
+        while expert_shards() != 2:  # idle: the window empties, the policy asks for its least
+            assert time.time() < deadline, "the policy did not remove expert shards"
+            time.sleep(0.5)
+        changes = [r for r in llm.expert_placement()["rebalances"] if r.get("kind") == "expert_shards"]
+        assert [(r["expert_shards_before"], r["expert_shards"]) for r in changes][-2:] == [(2, 4), (4, 2)]
+        assert [o.token_ids for o in llm.generate(prompts, params)] == expected
     finally:
         llm.shutdown()

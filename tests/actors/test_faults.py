@@ -168,3 +168,35 @@ def test_coordinator_killed(llm, prompts, expected):
     assert after["restarted"] and after["epoch"] == before["epoch"], (before, after)
     assert [o.token_ids for o in llm.generate(prompts[:2], PARAMS)] == expected[:2]
     wait_idle(llm)
+
+
+def test_coordinator_killed_after_an_expert_shard_change(llm, prompts, expected):
+    """2 -> 1 expert shards, then SIGKILL the coordinator with streams in flight: its successor (made with the
+    arguments of the first, 2 expert shards) takes over the one expert shard running and starts none; then back to
+    2, and every reply is the single process's."""
+    assert llm.scale_experts(1)["changed"]
+    before = status(llm)
+    assert before["expert_shards"] == 1
+    pid = ray.get(llm.coordinator.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+
+    def kill():
+        os.kill(pid, signal.SIGKILL)
+
+    assert streams_with_fault(llm, prompts, kill) == expected
+    deadline = time.time() + TIMEOUT
+    while True:  # the successor answers once it has adopted the group
+        try:
+            if ray.get(llm.coordinator.__ray_call__.remote(lambda self: os.getpid()), timeout=30) != pid:
+                break
+        except ray.exceptions.RayError:
+            pass
+        assert time.time() < deadline, "the coordinator was not restarted"
+        time.sleep(0.5)
+    after = status(llm)
+    assert after["expert_shards"] == 1 and after["epoch"] == before["epoch"] and after["error"] is None, after
+    assert len(shards(llm, "expert")) == 1
+    assert [o.token_ids for o in llm.generate(prompts[:2], PARAMS)] == expected[:2]
+    assert llm.scale_experts(2)["changed"]
+    wait_members(llm, 2)
+    assert [o.token_ids for o in llm.generate(prompts, PARAMS)] == expected
+    wait_idle(llm)

@@ -326,3 +326,30 @@ def test_boundary_validation():
         limited.check_config(GREEDY)
     with pytest.raises(ValueError, match="placement has 16 experts, config n_routed_experts=160"):
         limited.check_config(V2)
+
+
+def test_shards_for_work_follows_the_measured_work():
+    from latentmoe.cluster.eplb import shards_for_work
+
+    summary = {"window_s": 10.0, "pairs_per_shard": [3000, 1000]}  # 400 pairs/s
+    assert shards_for_work(summary, 2, target_pairs_per_s=100) == 4
+    assert shards_for_work(summary, 2, target_pairs_per_s=100, max_shards=3) == 3
+    assert shards_for_work({"window_s": 10.0, "pairs_per_shard": [0, 0]}, 4, target_pairs_per_s=100,
+                           min_shards=2) == 2
+    with pytest.raises(ValueError, match="target_pairs_per_s must be > 0"):
+        shards_for_work(summary, 2, target_pairs_per_s=0)
+
+
+def test_expert_shards_policy_settings_are_checked():
+    from latentmoe.engine.engine_config import EngineConfig
+
+    ok = EngineConfig(model="m", eplb_interval_s=5, expert_shards_policy="latentmoe.cluster.eplb:shards_for_work",
+                      expert_shards_policy_args={"target_pairs_per_s": 100})
+    assert EngineConfig.from_dict({k: getattr(ok, k) for k in ("model", "eplb_interval_s", "expert_shards_policy",
+                                                               "expert_shards_policy_args")}) == ok
+    with pytest.raises(ValueError, match="'module:function'"):
+        EngineConfig(model="m", eplb_interval_s=5, expert_shards_policy="shards_for_work")
+    with pytest.raises(ValueError, match="set eplb_interval_s > 0"):
+        EngineConfig(model="m", expert_shards_policy="latentmoe.cluster.eplb:shards_for_work")
+    with pytest.raises(ValueError, match="must be a mapping"):
+        EngineConfig(model="m", expert_shards_policy_args=[1])
