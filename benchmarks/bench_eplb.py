@@ -1,7 +1,8 @@
 """Expert load balancing on a checkpoint with skewed routing: the cluster before and after a rebalance.
 
     python benchmarks/bench_eplb.py [--runs repack:0,repack:2,copies:2] [--num-prompts 32] [--input-len 64]
-                                    [--output-len 48] [--expert-shards 2] [--skew 0.5] [--out results/bench_eplb.json]
+                                    [--output-len 48] [--expert-shards 2] [--scale-to 4] [--skew 0.5]
+                                    [--out results/bench_eplb.json]
 
 The checkpoint is bench_serve's (hidden 512, 4 layers, 16 routed experts in 4 groups, top-2 groups, top-4) with
 routing skewed towards experts 0, 1 and 4 (``make_tiny(hot_experts, skew)``), written once under
@@ -10,7 +11,10 @@ for each ``--runs`` setting (eplb_mode and redundant expert slots per shard): a 
 the load it measured (the coordinator's ``rebalance``: plan, the expert shards loading their new slots, the epoch
 switch), and the same run again. Per run: generated tokens/s, the attention shard's step time, each expert
 shard's compute per step (the slowest sets the step), and the expert shards' work ((token, expert) pairs) and
-its imbalance (max / mean). Checks that both runs give the single process's tokens. Saves everything as JSON.
+its imbalance (max / mean). With ``--scale-to N``, also the number of expert shards changed at run time
+(``scale_experts``): runs on ``--expert-shards``, the change to N (and its parts: the new shards up, the staying
+ones loading, the switch, the old ones stopped), runs on N, the change back. Checks that every run gives the single
+process's tokens. Saves everything as JSON.
 """
 
 from __future__ import annotations
@@ -57,7 +61,8 @@ def timed_run(llm, prompts, params) -> tuple[list, dict]:
     after = counters(llm)
     steps = after["steps"] - before["steps"]
     compute = [b - a for a, b in zip(before["expert_compute_s"], after["expert_compute_s"])]
-    pairs = [b - a for a, b in zip(before["pairs_per_shard"], after["pairs_per_shard"])]
+    # the expert shards in force (the counters keep the shards a change removed: zeros since)
+    pairs = [b - a for a, b in zip(before["pairs_per_shard"], after["pairs_per_shard"])][:len(compute)]
     tokens = sum(len(o.token_ids) for o in outs)
     hist = [b - a for a, b in zip(before["devices_histogram"], after["devices_histogram"])]
     return outs, {
@@ -81,6 +86,35 @@ def repeated(llm, prompts, params, repeats: int) -> tuple[list, dict]:
                            "all_step_ms": [r[1]["step_ms"] for r in runs]}
 
 
+def scale_run(model: str, prompts, params, expected, args) -> dict:
+    """Runs on ``--expert-shards``, the change to ``--scale-to``, runs there, the change back (no redundant slots)."""
+    from latentmoe import LLM, SamplingParams
+
+    llm = LLM(model=model, attention_shards=1, expert_shards=args.expert_shards)
+    try:
+        llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
+        outs, before = repeated(llm, prompts, params, args.repeats)
+        time.sleep(1.5)  # the load the new placement is balanced on reaches the coordinator
+        change = llm.scale_experts(args.scale_to, window_s=600.0)
+        outs_at, at = repeated(llm, prompts, params, args.repeats)
+        back = llm.scale_experts(args.expert_shards, window_s=600.0)
+        same = [sum(o.token_ids == e for o, e in zip(run, expected)) for run in (outs, outs_at)]
+        run = {"before": before, "change": change, "after": at, "change_back": back,
+               "identical_outputs": f"{same[0]}/{len(prompts)} on {args.expert_shards}, {same[1]}/{len(prompts)} on "
+                                    f"{args.scale_to}",
+               "speedup": round(at["tokens_per_s"] / before["tokens_per_s"], 3)}
+        print(f"{args.expert_shards} -> {args.scale_to} expert shards: {before['tokens_per_s']} -> "
+              f"{at['tokens_per_s']} tok/s ({run['speedup']}x); step {before['step_ms']} -> {at['step_ms']} ms; "
+              f"slowest expert shard {before['slowest_expert_compute_ms_per_step']} -> "
+              f"{at['slowest_expert_compute_ms_per_step']} ms/step; the change {change['total_s']} s (new shards up "
+              f"{change['start_s']} s, loading {change['load_s']} s, switch {change['switch_s']} s), back "
+              f"{back['total_s']} s (switch {back['switch_s']} s, stop {back['stop_s']} s); identical outputs "
+              f"{run['identical_outputs']}")
+        return run
+    finally:
+        llm.shutdown()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", default="repack:0,repack:2,copies:2",
@@ -89,6 +123,8 @@ def main() -> None:
     ap.add_argument("--num-prompts", type=int, default=32)
     ap.add_argument("--input-len", type=int, default=64)
     ap.add_argument("--output-len", type=int, default=48)
+    ap.add_argument("--scale-to", type=int, default=0, help="also change the number of expert shards to this and "
+                    "back at run time, timing each change (0: no)")
     ap.add_argument("--skew", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs before and after (the medians count)")
     ap.add_argument("--out", default="results/bench_eplb.json")
@@ -113,7 +149,7 @@ def main() -> None:
               "cpus": os.cpu_count(), "loadavg_before": os.getloadavg(), "runs": {}}
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     cluster.add_node(num_cpus=1, **role_node(ATTENTION_RESOURCE, 1))
-    for _ in range(args.expert_shards):
+    for _ in range(max(args.expert_shards, args.scale_to)):
         cluster.add_node(num_cpus=1, **role_node(EXPERT_RESOURCE, 1))
     ray.init(address=cluster.address, log_to_driver=False)
     try:
@@ -143,6 +179,8 @@ def main() -> None:
                       f"switch {report.get('switch_s')} s); identical outputs {run['identical_outputs']}")
             finally:
                 llm.shutdown()
+        if args.scale_to:
+            result["expert_shard_change"] = scale_run(model, prompts, params, expected, args)
     finally:
         ray.shutdown()
         cluster.shutdown()

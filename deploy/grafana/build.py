@@ -29,6 +29,7 @@ PANELS = [
       ("max(ray_latentmoe_expert_copies)", "redundant copies")], 12),
     ("Expert rebalances", "timeseries", "short",
      [("sum(increase(ray_latentmoe_expert_rebalances_total[5m]))", "rebalances"),
+      ("sum(increase(ray_latentmoe_expert_shard_changes_total[5m]))", "expert shard count changes"),
       ("max(ray_latentmoe_expert_rebalance_seconds)", "seconds, latest")], 12),
     ("Expert shards reached per token", "timeseries", "short",
      [("sum by (devices) (rate(ray_latentmoe_tokens_by_devices_total[1m]))", "{{devices}} shard(s)")], 12),

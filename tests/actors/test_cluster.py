@@ -338,12 +338,15 @@ def test_a_policy_sets_the_number_of_expert_shards(cluster, tiny_dir):
             assert [o.token_ids for o in llm.generate(prompts, params)] == expected
             assert time.time() < deadline, "the policy did not add expert shards"
         assert [o.token_ids for o in llm.generate(prompts, params)] == expected
+        def changes() -> list[tuple[int, int]]:  # the changes made, once each has finished
+            return [(r["expert_shards_before"], r["expert_shards"]) for r in llm.expert_placement()["rebalances"]
+                    if r.get("kind") == "expert_shards"]
+
         deadline = time.time() + TIMEOUT
-        while expert_shards() != 2:  # idle: the window empties, the policy asks for its least
-            assert time.time() < deadline, "the policy did not remove expert shards"
+        while changes()[-1:] != [(4, 2)]:  # idle: the window empties, the policy asks for its least
+            assert time.time() < deadline, f"the policy did not remove expert shards: {changes()}"
             time.sleep(0.5)
-        changes = [r for r in llm.expert_placement()["rebalances"] if r.get("kind") == "expert_shards"]
-        assert [(r["expert_shards_before"], r["expert_shards"]) for r in changes][-2:] == [(2, 4), (4, 2)]
+        assert changes()[-2:] == [(2, 4), (4, 2)] and expert_shards() == 2
         assert [o.token_ids for o in llm.generate(prompts, params)] == expected
     finally:
         llm.shutdown()
