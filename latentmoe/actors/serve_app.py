@@ -61,6 +61,10 @@ class ServeArgs:
     target_shard_requests: float = 16
     upscale_delay_s: float = 5.0
     downscale_delay_s: float = 60.0
+    # how often the ongoing requests are reported to Serve's autoscaler, and the window it averages them over
+    # (Serve's own defaults, 10 s and 30 s, made a burst wait 6-11 s for a second shard to be asked for)
+    autoscaling_metrics_interval_s: float = 2.0
+    autoscaling_look_back_s: float = 10.0
     # requests waiting at the ingress for a free attention shard (Serve's queue); more get 503 at once
     max_queued_shard_requests: int = 64
     drain_timeout_s: float = 30.0  # a leaving shard finishes its requests this long, then hands them over
@@ -677,7 +681,9 @@ def attention_deployment(parsed: "ServeArgs", config: dict):
                                                   request_routing_stats_period_s=ROUTING_STATS_PERIOD_S),
         autoscaling_config={"min_replicas": low, "max_replicas": high, "initial_replicas": low,
                             "target_ongoing_requests": parsed.target_shard_requests,
-                            "upscale_delay_s": parsed.upscale_delay_s, "downscale_delay_s": parsed.downscale_delay_s},
+                            "upscale_delay_s": parsed.upscale_delay_s, "downscale_delay_s": parsed.downscale_delay_s,
+                            "metrics_interval_s": parsed.autoscaling_metrics_interval_s,
+                            "look_back_period_s": parsed.autoscaling_look_back_s},
         max_ongoing_requests=parsed.max_num_requests, max_queued_requests=parsed.max_queued_shard_requests,
         graceful_shutdown_timeout_s=parsed.drain_timeout_s, graceful_shutdown_wait_loop_s=1.0,
         health_check_period_s=5.0, ray_actor_options=actor_options,
