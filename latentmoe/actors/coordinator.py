@@ -27,6 +27,7 @@ from latentmoe.actors.placement import EXPERT_RESOURCE
 from latentmoe.cluster.communicator import backend_for
 from latentmoe.cluster import eplb
 from latentmoe.cluster.membership import ATTENTION, EXPERT, Member, Membership
+from latentmoe.cluster.placement import ExpertPlacement
 from latentmoe.cluster.shards import shard_runtime_env
 from latentmoe.cluster.telemetry import ExpertLoadWindow
 from latentmoe.engine.engine_config import EngineConfig
@@ -366,6 +367,7 @@ class Coordinator:
                 return report | {"reason": f"the cluster has {before} expert shards already"}
             if self.error is not None or self.membership.group is None:
                 raise RuntimeError(f"the cluster is not serving: {self.error or 'no group formed yet'}")
+            ExpertPlacement.build(self.model_config, num_expert)  # refuses what start-up refuses (groups not whole)
             _, load = self._measured_load(window_s)
             redundant, version = self.engine_config.redundant_experts, self.placement.version + 1
             new = eplb.ReplicatedPlacement.build(self.model_config, num_expert, redundant, version=version) \

@@ -313,6 +313,9 @@ def test_expert_shards_two_to_four_and_back_with_streams_in_flight(cluster, tiny
         assert not again["changed"] and "already" in again["reason"]
         with pytest.raises(ray.exceptions.RayTaskError, match="num_expert must be a positive integer"):
             llm.scale_experts(0)
+        with pytest.raises(ray.exceptions.RayTaskError, match="3 expert shards cannot hold 4 expert groups whole"):
+            llm.scale_experts(3)  # a token would no longer reach at most topk_group shards
+        assert ray.get(llm.coordinator.status.remote(), timeout=TIMEOUT)["expert_shards"] == 2
     finally:
         llm.shutdown()
 
