@@ -227,6 +227,8 @@ def summarize_expert_load(load: dict, since: float | None = None) -> dict:
         "work_imbalance": load.get("shard_work_imbalance"),
         "placement_version": placement.get("version"),
         "placement_copies": placement.get("num_copies"),
-        "placement_changes": [{k: r.get(k) for k in ("time", "version", "imbalance_before", "imbalance_predicted",
+        # rebalances, and changes of the number of expert shards (kind "expert_shards")
+        "placement_changes": [{k: r.get(k) for k in ("time", "kind", "version", "imbalance_before",
+                                                     "imbalance_predicted", "expert_shards_before", "expert_shards",
                                                      "copies", "total_s")} for r in changes],
     }

@@ -95,8 +95,7 @@ def expert_load_lines(load: dict) -> list[str]:
             f"{'Expert placement (version, copies):':<36}{_fmt(e.get('placement_version'))}, "
             f"{_fmt(e.get('placement_copies'))}",
             f"{'Placement changes in the run:':<36}" + (", ".join(
-                f"v{c['version']} (imbalance {_fmt(c['imbalance_before'])} -> {_fmt(c['imbalance_predicted'])}, "
-                f"{_fmt(c['total_s'])} s)" for c in e.get("placement_changes") or []) or "none")]
+                _placement_change(c) for c in e.get("placement_changes") or []) or "none")]
 
 
 # ---- plots -----------------------------------------------------------------------------------------------------
@@ -287,3 +286,11 @@ def write_report(result: dict, out_dir: str | Path, results: list[RequestResult]
     (out_dir / "result.json").write_text(json.dumps(result, indent=1, allow_nan=False))
     write_html(result, images, out_dir / "report.html")
     return files
+
+
+def _placement_change(c: dict) -> str:
+    if c.get("kind") == "expert_shards":
+        what = f"{c.get('expert_shards_before')} -> {c.get('expert_shards')} expert shards"
+    else:
+        what = f"imbalance {_fmt(c.get('imbalance_before'))} -> {_fmt(c.get('imbalance_predicted'))}"
+    return f"v{c['version']} ({what}, {_fmt(c.get('total_s'))} s)"

@@ -133,11 +133,21 @@ def test_placement_changes_of_the_run():
     """Only the changes applied since the run started count (the server lists its latest few)."""
     rebalances = [{"time": 90.0, "version": 1, "changed": True, "imbalance_before": 1.8, "total_s": 0.3},
                   {"time": 110.0, "version": 1, "changed": False, "reason": "not worth a switch"},
-                  {"time": 120.0, "version": 2, "changed": True, "imbalance_before": 1.5,
-                   "imbalance_predicted": 1.1, "copies": 4, "total_s": 0.2}]
-    load = LOAD | {"placement": {"version": 2, "num_copies": 4, "rebalances": rebalances}}
+                  {"time": 120.0, "kind": "rebalance", "version": 2, "changed": True, "imbalance_before": 1.5,
+                   "imbalance_predicted": 1.1, "copies": 4, "total_s": 0.2},
+                  {"time": 130.0, "kind": "expert_shards", "version": 3, "changed": True, "expert_shards_before": 2,
+                   "expert_shards": 4, "copies": 0, "total_s": 6.5}]
+    load = LOAD | {"placement": {"version": 3, "num_copies": 0, "rebalances": rebalances}}
     e = summarize_expert_load(load, since=100.0)
-    assert e["placement_version"] == 2 and e["placement_copies"] == 4
-    assert e["placement_changes"] == [{"time": 120.0, "version": 2, "imbalance_before": 1.5,
-                                       "imbalance_predicted": 1.1, "copies": 4, "total_s": 0.2}]
-    assert [c["version"] for c in summarize_expert_load(load)["placement_changes"]] == [1, 2]
+    assert e["placement_version"] == 3 and e["placement_copies"] == 0
+    none = dict.fromkeys(("expert_shards_before", "expert_shards"))
+    assert e["placement_changes"] == [
+        {"time": 120.0, "kind": "rebalance", "version": 2, "imbalance_before": 1.5, "imbalance_predicted": 1.1,
+         "copies": 4, "total_s": 0.2} | none,
+        {"time": 130.0, "kind": "expert_shards", "version": 3, "imbalance_before": None, "imbalance_predicted": None,
+         "expert_shards_before": 2, "expert_shards": 4, "copies": 0, "total_s": 6.5}]
+    assert [c["version"] for c in summarize_expert_load(load)["placement_changes"]] == [1, 2, 3]
+    from latentmoe.loadtest.report import _placement_change
+
+    assert [_placement_change(c) for c in e["placement_changes"]] == [
+        "v2 (imbalance 1.50 -> 1.10, 0.20 s)", "v3 (2 -> 4 expert shards, 6.50 s)"]
