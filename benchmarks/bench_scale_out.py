@@ -50,14 +50,12 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from latentmoe.actors.cluster import ROUTER_NAMESPACE, stop_coordinator
-    from latentmoe.actors.local_cluster import use_ray_auth
+    from latentmoe.actors.cluster import ROUTER_NAMESPACE
     from latentmoe.actors.names import ATTENTION_DEPLOYMENT, COORDINATOR_NAME
     from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE, role_labels
     from latentmoe.actors.serve_app import build_app
-    from latentmoe.cluster.communicator import free_port
     from latentmoe.model.tiny import default_model_dir
-    from tests.actors.autoscaling import start_autoscaling_cluster  # the one fake-provider cluster helper
+    from tests.actors.autoscaling import serving_cluster  # the one fake-provider cluster helper
 
     node_types = {
         "attention": {"resources": {"CPU": 2, ATTENTION_RESOURCE: 1}, "labels": role_labels(ATTENTION_RESOURCE),
@@ -80,16 +78,7 @@ def main() -> None:
             time.sleep(0.1)
         return time.monotonic()
 
-    c = start_autoscaling_cluster(node_types, head_resources={}, head_num_cpus=2,
-                                  idle_timeout_minutes=IDLE_TIMEOUT_MINUTES)
-    try:
-        use_ray_auth(c.env)
-        ray.init(address=c.address, log_to_driver=False)
-        http_port = free_port()
-        wait(lambda: len(c.alive_nodes(ATTENTION_RESOURCE)) == 1 and len(c.alive_nodes(EXPERT_RESOURCE)) == 2,
-             "the min_workers nodes")
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port})
-        url = f"http://127.0.0.1:{http_port}"
+    with serving_cluster(node_types, idle_timeout_minutes=IDLE_TIMEOUT_MINUTES) as (c, url):
         def replica_states() -> dict:
             app = serve.status().applications.get("latentmoe")
             deployment = app.deployments.get(ATTENTION_DEPLOYMENT) if app else None
@@ -137,24 +126,17 @@ def main() -> None:
             ended = time.monotonic()
             run = {"look_back_s": look_back, "metrics_interval_s": interval}
             run |= {name: round(t - start, 2) for name, t in marks.items()}
-            run |= {"replica_gone_s": round(wait(lambda: replica_states() == {"RUNNING": 1}, "the scale-in") - ended, 2),
-                    "node_gone_s": round(wait(lambda: len(c.alive_nodes(ATTENTION_RESOURCE)) == 1, "the node's removal")
-                                         - ended, 2),
+            replica_gone = wait(lambda: replica_states() == {"RUNNING": 1}, "the scale-in")
+            node_gone = wait(lambda: len(c.alive_nodes(ATTENTION_RESOURCE)) == 1, "the node's removal")
+            run |= {"replica_gone_s": round(replica_gone - ended, 2), "node_gone_s": round(node_gone - ended, 2),
                     "requests": len(served), "statuses": sorted(set(served))}
             result["runs"].append(run)
-            print(f"look-back {look_back:g} s, metrics every {interval:g} s, scale-out {repeat + 1}: Serve decided {run['serve_decided_s']} s, node up {run['node_up_s']} s, "
-                  f"replica running {run['replica_running_s']} s, joined the group {run['joined_s']} s, serving "
+            print(f"look-back {look_back:g} s, metrics every {interval:g} s, scale-out {repeat + 1}: Serve decided "
+                  f"{run['serve_decided_s']} s, node up {run['node_up_s']} s, replica running "
+                  f"{run['replica_running_s']} s, joined the group {run['joined_s']} s, serving "
                   f"{run['serving_s']} s after the load began; scale-in: replica gone {run['replica_gone_s']} s, "
                   f"node gone {run['node_gone_s']} s after it ended ({run['requests']} requests, statuses "
                   f"{run['statuses']})")
-    finally:
-        try:
-            serve.shutdown()
-            stop_coordinator()
-        except Exception:  # noqa: BLE001: the cluster goes anyway
-            pass
-        ray.shutdown()
-        c.stop()
     result["loadavg_after"] = os.getloadavg()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))

@@ -57,7 +57,8 @@ class ExpertShardActor:
     def state(self) -> dict:
         """What a restarted coordinator rebuilds from, and what operators look at."""
         return {"group": self.steps.group, "epoch": self.steps.epoch, "alive": self.steps.alive,
-                "num_steps": self.steps.num_steps, "num_faults": self.steps.num_faults, "num_rows": self.shard.num_rows, **self.shard.timings}
+                "num_steps": self.steps.num_steps, "num_faults": self.steps.num_faults,
+                "num_rows": self.shard.num_rows, **self.shard.timings}
 
     def ping(self) -> bool:
         if self.steps.error is not None:

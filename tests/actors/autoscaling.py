@@ -12,12 +12,14 @@ which the pip wheel lacks, and it runs ``ray stop --force``: the whole config is
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import signal
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -184,3 +186,37 @@ def start_autoscaling_cluster(node_types: dict[str, dict], *, head_resources: di
         shutil.rmtree(temp_dir, ignore_errors=True)
         raise
     return AutoscalingCluster(address=address, env=auth, pgid=pgid, temp_dir=temp_dir)
+
+
+@contextlib.contextmanager
+def serving_cluster(node_types: dict[str, dict], *, idle_timeout_minutes: float, head_num_cpus: int = 2,
+                    timeout_s: float = 120.0) -> Iterator[tuple[AutoscalingCluster, str]]:
+    """An autoscaling cluster of ``node_types`` (a head of its own, no role units), this process connected, its
+    ``min_workers`` nodes up and Serve started on it (HTTP on a free loopback port, proxy on the head only).
+    Yields the cluster and Serve's HTTP address; afterwards Serve, the coordinator and the cluster stop."""
+    from ray import serve
+
+    from latentmoe.actors.cluster import stop_coordinator
+    from latentmoe.actors.local_cluster import use_ray_auth
+
+    c = start_autoscaling_cluster(node_types, head_resources={}, head_num_cpus=head_num_cpus,
+                                  idle_timeout_minutes=idle_timeout_minutes)
+    try:
+        use_ray_auth(c.env)
+        ray.init(address=c.address, log_to_driver=False)
+        wanted = 1 + sum(t.get("min_workers", 0) for t in node_types.values())
+        deadline = time.monotonic() + timeout_s
+        while len(c.alive_nodes()) < wanted:
+            assert time.monotonic() < deadline, f"the min_workers nodes: not {wanted} within {timeout_s:g} s"
+            time.sleep(0.5)
+        http_port = free_port()
+        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port})
+        yield c, f"http://127.0.0.1:{http_port}"
+    finally:
+        try:
+            serve.shutdown()
+            stop_coordinator()
+        except Exception:  # noqa: BLE001: the cluster goes anyway
+            pass
+        ray.shutdown()
+        c.stop()

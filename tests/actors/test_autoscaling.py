@@ -22,13 +22,11 @@ import ray
 from ray import serve
 
 from latentmoe import LLM, SamplingParams
-from latentmoe.actors.cluster import ROUTER_NAMESPACE, stop_coordinator
-from latentmoe.actors.local_cluster import use_ray_auth
+from latentmoe.actors.cluster import ROUTER_NAMESPACE
 from latentmoe.actors.names import COORDINATOR_NAME
 from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE, role_labels
 from latentmoe.actors.serve_app import build_app
-from latentmoe.cluster.communicator import free_port
-from tests.actors.autoscaling import start_autoscaling_cluster
+from tests.actors.autoscaling import serving_cluster
 
 IDLE_TIMEOUT_MINUTES = 0.25  # an idle attention node goes after 15 s
 # one shard per attention node; a CPU to spare on each node for what Serve places anywhere (an ingress replica)
@@ -54,25 +52,9 @@ def wait_for(condition, timeout_s: float, what: str) -> float:
 
 @pytest.fixture(scope="module")
 def server(tiny_dir):
-    c = start_autoscaling_cluster(NODE_TYPES, head_resources={}, head_num_cpus=2,
-                                  idle_timeout_minutes=IDLE_TIMEOUT_MINUTES)
-    http_port = free_port()
-    try:
-        use_ray_auth(c.env)
-        ray.init(address=c.address, log_to_driver=False)
-        wait_for(lambda: len(c.alive_nodes(ATTENTION_RESOURCE)) == 1 and len(c.alive_nodes(EXPERT_RESOURCE)) == 1,
-                 120, "the min_workers nodes")
-        serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port})
+    with serving_cluster(NODE_TYPES, idle_timeout_minutes=IDLE_TIMEOUT_MINUTES) as (c, http):
         serve.run(build_app({"model": str(tiny_dir), **APP_ARGS}), name="latentmoe", route_prefix="/")
-        yield {"http": f"http://127.0.0.1:{http_port}", "cluster": c}
-    finally:
-        try:
-            serve.shutdown()
-            stop_coordinator()
-        except Exception:  # noqa: BLE001: the cluster goes anyway
-            pass
-        ray.shutdown()
-        c.stop()
+        yield {"http": http, "cluster": c}
 
 
 def health(server) -> dict:
