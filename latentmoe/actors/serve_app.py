@@ -127,7 +127,8 @@ class ServeArgs:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         for name in ("step_timeout_s", "recovery_timeout_s", "output_timeout_s", "start_timeout_s",
-                     "target_shard_requests", "upscale_delay_s", "downscale_delay_s", "drain_timeout_s"):
+                     "target_shard_requests", "upscale_delay_s", "downscale_delay_s", "drain_timeout_s",
+                     "autoscaling_metrics_interval_s", "autoscaling_look_back_s"):
             value = getattr(args, name)
             if isinstance(value, str):
                 setattr(args, name, value := float(value))

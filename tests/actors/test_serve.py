@@ -700,8 +700,11 @@ def test_serve_config_file_is_valid():
     autoscaling = ingress._deployment_config.autoscaling_config
     assert (autoscaling.min_replicas, autoscaling.max_replicas, autoscaling.target_ongoing_requests) == (
         app.args["min_replicas"], app.args["max_replicas"], app.args["target_ongoing_requests"])
+    assert (shard_scaling.metrics_interval_s, shard_scaling.look_back_period_s) == (2.0, 10.0)  # not Serve's 10, 30
     with pytest.raises(ValueError, match="unknown application argument"):
         build_app({"attention_shard": 1})
+    with pytest.raises(ValueError, match="autoscaling_look_back_s must be a positive number of seconds"):
+        build_app({"autoscaling_look_back_s": 0})
 
 
 def shard_stats() -> list[dict]:
