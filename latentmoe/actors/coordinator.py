@@ -40,7 +40,7 @@ class Coordinator:
     def __init__(self, config: dict, num_expert: int, name: str, *, start_timeout_s: float = 300.0,
                  step_timeout_s: float = 120.0, recovery_timeout_s: float | None = None, fault_grace_s: float = 3.0,
                  place_by_role: bool = True):
-        self.config_dict, self.name, self.num_expert = config, name, num_expert
+        self.config_dict, self.name = config, name
         self.engine_config = EngineConfig.from_dict(config)
         self.model_config = ModelConfig.from_json(self.engine_config.model)
         if self.model_config.n_routed_experts is None:
@@ -122,8 +122,7 @@ class Coordinator:
         experts = [m for m in group.members if m.kind == EXPERT]
         if any(m.slot not in found for m in experts):
             return False
-        self.num_expert = len(experts)
-        self.membership.num_expert = self.num_expert
+        self.membership.num_expert = len(experts)
         self.membership.adopt(group)
         if group.placement is not None:
             self.placement = group.placement
@@ -167,6 +166,11 @@ class Coordinator:
             raise
         self.handles[info["member"].id] = handle
         return info
+
+    @property
+    def num_expert(self) -> int:
+        """The expert slots in force (the membership's: ``scale_experts`` changes them, a restart adopts them)."""
+        return self.membership.num_expert
 
     def _self(self):
         return ray.get_runtime_context().current_actor
@@ -392,7 +396,7 @@ class Coordinator:
             switch_start = time.monotonic()
             gone = self.membership.resize(num_expert, [info["member"] for info in infos])
             self._departing = {member.id for member in gone}
-            self.num_expert, self.placement, self.load.num_shards = num_expert, new, num_expert
+            self.placement, self.load.num_shards = new, num_expert
             self._schedule_reform()
             await asyncio.shield(self._reforming)
             group = self.membership.group

@@ -250,9 +250,10 @@ def test_expert_shards_two_to_four_and_back_with_streams_in_flight(cluster, tiny
     of the single process; after each change every expert shard of the new number computes, the others none."""
     rng = random.Random(5)
     prompts = [[rng.randrange(2, 1024) for _ in range(rng.randrange(4, 24))] for _ in range(8)]
-    params = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+    # long enough to outlast starting two shards (8-10 s) on an idle machine too: 300 tokens once ended before it
+    params = SamplingParams(max_tokens=1000, temperature=0.0, ignore_eos=True)
     expected = [o.token_ids for o in LLM(model=str(tiny_dir)).generate(prompts, params)]
-    llm = LLM(model=str(tiny_dir), attention_shards=1, expert_shards=2, block_size=16, num_blocks=256,
+    llm = LLM(model=str(tiny_dir), attention_shards=1, expert_shards=2, block_size=16, num_blocks=1024,
               timeout_s=TIMEOUT)
 
     async def change_under_streams(num_expert: int):
