@@ -231,6 +231,8 @@ class LLM:
                     ray.get(self.coordinator.shutdown.remote(), timeout=60)
                 finally:
                     ray.kill(self.coordinator, no_restart=True)
+                    if self.router is not None:
+                        self.router.close()
                     self.coordinator = self.router = None
         finally:
             if self._cluster is not None:

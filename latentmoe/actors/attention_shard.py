@@ -1,8 +1,10 @@
 """The attention shard: a whole engine over the attention side, in a Ray process of its own.
 
 ``AttentionServer`` is the shard inside its process: it registers with the coordinator, long-polls it
-for new groups (``watch``), runs the lockstep step loop on a thread, and streams each request's outputs
-back to its caller, one message per step at most (what piled up while the caller was busy goes as one).
+for new groups (``watch``), runs the lockstep step loop on a thread, and sends each step's outputs to each
+consumer in one message (``latentmoe.actors.outputs``), the request's Ray call ending once its last output
+is sent. A call without a ticket gets its outputs as the call's own stream instead, one item per step at
+most (what piled up while the caller was busy goes as one).
 Two thin shells hold it: ``AttentionShardDeployment``, the Ray Serve deployment that Serve autoscales
 (each replica one shard, placed on an attention node), and ``AttentionShardActor``, a plain actor for
 the offline ``LLM``. A request's stream ending early (its caller cancelled, or died) aborts it.
@@ -21,6 +23,7 @@ import ray
 
 from latentmoe.actors.metrics import ShardMetrics
 from latentmoe.actors.names import ROUTER_NAMESPACE
+from latentmoe.actors.outputs import Outbox, Ticket
 from latentmoe.cluster.membership import ATTENTION, Member
 from latentmoe.cluster.shards import AttentionShard, NewRequest, shard_threads
 from latentmoe.cluster.step_loop import Doorbell, StepLoop
@@ -60,7 +63,9 @@ class AttentionServer:
         info = ray.get(self.coordinator.start.remote(), timeout=start_timeout_s)
         self.member_id = member_id or f"attention-{uuid.uuid4().hex[:8]}"
         self.metrics = ShardMetrics()
-        self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        # request id -> its call's event loop, the queue the call reads, and its ticket (None: the call streams)
+        self.streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue, Ticket | None]] = {}
+        self.outbox = Outbox(on_unreachable=self._unreachable)
         self.shard = AttentionShard(EngineConfig.from_dict(config), info["placement"], publish=self._publish,
                                     report_load=self._report_load)
         self.doorbell = Doorbell(ray.util.get_node_ip_address())
@@ -133,10 +138,13 @@ class AttentionServer:
     # ---- requests -------------------------------------------------------------------------------------------
 
     async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                       output_token_ids: list[int] | None = None, num_output_chars: int = 0, consumer=None):
-        """Stream one request's outputs (the last has ``finished``). ``output_token_ids``: what the caller
-        already has from a shard that failed or drained (recomputed here; the stream goes on after them).
-        ``consumer``: the caller's actor (an ingress replica); if it dies, the request is aborted."""
+                       output_token_ids: list[int] | None = None, num_output_chars: int = 0, consumer=None,
+                       ticket: Ticket | None = None):
+        """Run one request. With a ``ticket`` its outputs go to the caller's inbox, batched per step with the
+        caller's other requests, and this stream ends, yielding nothing, once the last is sent; without one they
+        are this stream's items (the last has ``finished``). ``output_token_ids``: what the caller already has
+        from a shard that failed or drained (recomputed here; the outputs go on after them). ``consumer``: the
+        caller's actor (an ingress replica); if it dies, the request is aborted."""
         if self.error is not None or self.draining:
             raise ShardGoneError(self.error or f"attention shard {self.member_id} is draining")
         if self.shard.num_work() >= self.max_num_requests:
@@ -145,7 +153,7 @@ class AttentionServer:
         if request_id in self.streams:
             raise ValueError(f"request id {request_id!r} is already running")
         queue: asyncio.Queue = asyncio.Queue()
-        self.streams[request_id] = (asyncio.get_running_loop(), queue)
+        self.streams[request_id] = (asyncio.get_running_loop(), queue, ticket)
         if consumer is not None:
             self.consumers[request_id] = consumer
             if self._watchdog is None or self._watchdog.done():
@@ -159,6 +167,9 @@ class AttentionServer:
                 items = [await queue.get()]
                 while not queue.empty():
                     items.append(queue.get_nowait())
+                if any(i is _SENT for i in items):  # a ticket's request: its last output is on its way
+                    finished = True
+                    return
                 errors = [i for i in items if isinstance(i, BaseException)]
                 outs = [i for i in items if not isinstance(i, BaseException)]
                 if outs:
@@ -198,22 +209,41 @@ class AttentionServer:
                     pass
 
     def _publish(self, outputs: list[RequestOutput], errors: dict[str, str]) -> None:
-        """The step thread's outputs, to the streams' event loop in one hop."""
+        """The step thread's outputs: one message per consumer inbox (after it is sent, the calls of the requests
+        that finished end), and the calls without a ticket fed on their event loop in one hop."""
         by_loop: dict = {}
+        by_inbox: dict = {}  # address -> (authkey, [(request id, attempt, output)], [(loop, queue) of finished])
         for out in outputs:
             entry = self.streams.get(out.request_id)
-            if entry is not None:
-                by_loop.setdefault(entry[0], []).append((entry[1], out))
+            if entry is None:
+                continue
+            loop, queue, ticket = entry
+            if ticket is None:
+                by_loop.setdefault(loop, []).append((queue, out))
+                continue
+            _, batch, finished = by_inbox.setdefault(ticket.address, (ticket.authkey, [], []))
+            batch.append((out.request_id, ticket.attempt, out))
+            if out.finished:
+                finished.append((loop, queue))
         for request_id, message in errors.items():
             entry = self.streams.get(request_id)
             if entry is not None:
                 by_loop.setdefault(entry[0], []).append((entry[1], ValueError(message)))
         for loop, items in by_loop.items():
             loop.call_soon_threadsafe(_put_all, items)
+        for address, (authkey, batch, finished) in by_inbox.items():
+            self.outbox.send(address, authkey, batch, _on_sent(finished) if finished else None)
+
+    def _unreachable(self, address) -> None:
+        """A consumer's inbox cannot be reached (it died): its requests end, which aborts them."""
+        for loop, queue, ticket in list(self.streams.values()):
+            if ticket is not None and ticket.address == address:
+                loop.call_soon_threadsafe(queue.put_nowait, RuntimeError(f"the caller's inbox {address} is "
+                                                                         "unreachable"))
 
     def _fail_all(self, message: str) -> None:
         self.error = message
-        for loop, queue in list(self.streams.values()):
+        for loop, queue, _ in list(self.streams.values()):
             loop.call_soon_threadsafe(queue.put_nowait, ShardGoneError(message))
 
     # ---- state and leaving ----------------------------------------------------------------------------------
@@ -255,11 +285,26 @@ class AttentionServer:
         self._closed = True
         self.steps.stop()
         self.doorbell.close()
+        self.outbox.close()
+
+
+_SENT = object()  # put on a ticket request's queue once its last output went to the inbox
 
 
 def _put_all(items) -> None:
     for queue, item in items:
         queue.put_nowait(item)
+
+
+def _on_sent(finished: list):
+    """After a message with the last outputs of ``finished`` requests went out: their calls end (or fail)."""
+
+    def on_sent(ok: bool) -> None:
+        item = _SENT if ok else RuntimeError("the caller's inbox became unreachable")
+        for loop, queue in finished:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    return on_sent
 
 
 @ray.remote
@@ -295,9 +340,10 @@ def _deployment():
             self.server = AttentionServer(config, coordinator_name, **options)
 
         async def generate(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams,
-                           output_token_ids: list[int] | None = None, num_output_chars: int = 0, consumer=None):
+                           output_token_ids: list[int] | None = None, num_output_chars: int = 0, consumer=None,
+                           ticket: Ticket | None = None):
             async for out in self.server.generate(request_id, prompt_token_ids, params, output_token_ids,
-                                                  num_output_chars, consumer):
+                                                  num_output_chars, consumer, ticket):
                 yield out
 
         async def stats(self) -> dict:

@@ -21,6 +21,7 @@ from typing import AsyncIterator, Callable
 import ray
 
 from latentmoe.actors.attention_shard import OverloadedError, ShardGoneError
+from latentmoe.actors.outputs import Inbox
 from latentmoe.cluster.telemetry import RequestTimes
 from latentmoe.engine.engine import RequestOutput, tokenize_prompt
 from latentmoe.engine.sampling_params import SamplingParams
@@ -49,8 +50,10 @@ def _shard_gone(e: BaseException) -> bool:
 class ShardClient:
     def __init__(self, open_stream: Callable[..., AsyncIterator[RequestOutput]], coordinator, tokenizer, info: dict,
                  *, output_timeout_s: float = 300.0, recovery_timeout_s: float = 300.0, metrics=None):
-        """``open_stream(request_id, prompt_token_ids, params, output_token_ids, num_output_chars, moved)``: an
-        async iterator of one request's outputs from some attention shard (``moved``: its last one went away)."""
+        """``open_stream(request_id, prompt_token_ids, params, output_token_ids, num_output_chars, moved, ticket)``:
+        the call running one request on some attention shard (``moved``: its last one went away), an async
+        iterator that ends when the shard has sent the request's last output to ``ticket``'s inbox (this
+        client's) and raises if the request fails there."""
         self.open_stream, self.coordinator, self.tokenizer = open_stream, coordinator, tokenizer
         self.vocab_size, self.max_model_len = info["vocab_size"], info["max_model_len"]
         self.output_timeout_s, self.recovery_timeout_s = output_timeout_s, recovery_timeout_s
@@ -63,6 +66,19 @@ class ShardClient:
         self.last_status: tuple[float, dict] | None = None
         self._poller: asyncio.Task | None = None
         self.ids = itertools.count()
+        self._inbox: Inbox | None = None
+        self._ending: set[asyncio.Task] = set()  # calls of finished requests, left to end by themselves
+
+    @property
+    def inbox(self) -> Inbox:
+        """Where the attention shards send this client's outputs (made on first use, on this node's address)."""
+        if self._inbox is None:
+            self._inbox = Inbox(ray.util.get_node_ip_address())
+        return self._inbox
+
+    def close(self) -> None:
+        if self._inbox is not None:
+            self._inbox.close()
 
     def _count(self, status: str) -> None:
         if self.metrics is not None:
@@ -97,26 +113,40 @@ class ShardClient:
         last: RequestOutput | None = None
         try:
             while True:
-                stream = self.open_stream(request_id, ids, params, tokens, chars, moves > 0)
+                inbox = self.inbox
+                route = inbox.open(request_id, moves)
+                stream = self.open_stream(request_id, ids, params, tokens, chars, moves > 0, inbox.ticket(moves))
                 self._streams[request_id] = stream
+                call = asyncio.get_running_loop().create_task(_follow(stream, route))
+                call_ended, done = False, False
                 try:
                     while True:
+                        # once the call has ended, its last output was sent: it comes at once, or something broke
+                        timeout = min(self.output_timeout_s, LAST_OUTPUT_TIMEOUT_S) if call_ended else \
+                            self.output_timeout_s
                         try:
-                            out = await asyncio.wait_for(stream.__anext__(), self.output_timeout_s)
-                        except StopAsyncIteration:
-                            raise ShardGoneError("the attention shard's stream ended early") from None
+                            item = await asyncio.wait_for(route.get(), timeout)
                         except asyncio.TimeoutError:
+                            if call_ended:
+                                raise ShardGoneError("the attention shard ended the request, but its last "
+                                                     f"outputs did not arrive within {timeout:g} s") from None
                             if gone_since is not None:  # waiting for a shard to take it over
                                 raise NoShardError(f"no attention shard took the request within "
                                                    f"{self.output_timeout_s:g} s") from None
                             raise OutputTimeoutError(f"no output within {self.output_timeout_s:g} s") from None
+                        if item is _CALL_ENDED:
+                            call_ended = True
+                            continue
+                        if isinstance(item, BaseException):
+                            raise item
+                        out = item
                         gone_since, last = None, out
                         self._observe(times, out)
                         if params.num_samples == 1:
                             tokens, chars = list(out.token_ids), len(out.text)
                         yield out
                         if out.finished:
-                            status = out.finish_reason or "stop"
+                            status, done = out.finish_reason or "stop", True
                             return
                 except BaseException as raised:
                     e = unwrap(raised)
@@ -147,7 +177,13 @@ class ShardClient:
                                    request_id, e, len(tokens))
                     await asyncio.sleep(min(2.0, 0.1 * moves))
                 finally:
-                    await _close(stream)
+                    inbox.close_route(request_id, route)
+                    if done:  # the call ends by itself in a moment: closing it now would abort a finished request
+                        self._ending.add(call)
+                        call.add_done_callback(self._ending.discard)
+                    else:
+                        call.cancel()
+                        await _close(stream)
         finally:
             self._streams.pop(request_id, None)
             self._aborted.discard(request_id)
@@ -231,6 +267,27 @@ class ShardClient:
                 "num_waiting": sum(s.get("num_waiting", 0) for s in shards), "shards": shards}
 
 
+LAST_OUTPUT_TIMEOUT_S = 30.0
+_CALL_ENDED = object()  # a request's call ended without error: its last output has been sent
+
+
+async def _follow(stream, route: asyncio.Queue) -> None:
+    """Follow a request's call; its end (``_CALL_ENDED``) or its error goes to the request's route, in line
+    with the outputs."""
+    try:
+        async for _ in stream:  # a call with a ticket yields nothing
+            pass
+    except asyncio.CancelledError as e:
+        if asyncio.current_task().cancelling():  # the request is done with this call
+            raise
+        route.put_nowait(e)  # the call was cancelled under us (abort())
+        return
+    except BaseException as e:  # noqa: BLE001: the shard's error, raised where the request is followed
+        route.put_nowait(e)
+        return
+    route.put_nowait(_CALL_ENDED)
+
+
 def _backpressure(e: BaseException) -> bool:
     try:
         from ray.serve.exceptions import BackPressureError
@@ -278,8 +335,8 @@ def serve_opener(handle):
     except Exception:  # noqa: BLE001: not in an actor
         consumer = None
 
-    def open_stream(request_id, ids, params, tokens, chars, moved=False):
-        return stream_handle.generate.remote(request_id, ids, params, list(tokens), chars, consumer)
+    def open_stream(request_id, ids, params, tokens, chars, moved=False, ticket=None):
+        return stream_handle.generate.remote(request_id, ids, params, list(tokens), chars, consumer, ticket)
 
     return open_stream
 
@@ -287,8 +344,8 @@ def serve_opener(handle):
 def actor_opener(pick):
     """Streams to plain attention actors (the offline ``LLM``): ``await pick(moved)`` chooses the actor."""
 
-    def open_stream(request_id, ids, params, tokens, chars, moved=False):
-        return _ActorStream(pick, moved, (request_id, ids, params, list(tokens), chars))
+    def open_stream(request_id, ids, params, tokens, chars, moved=False, ticket=None):
+        return _ActorStream(pick, moved, (request_id, ids, params, list(tokens), chars), {"ticket": ticket})
 
     return open_stream
 
@@ -296,8 +353,8 @@ def actor_opener(pick):
 class _ActorStream:
     """One request's outputs from an attention actor, as Serve's response generator offers them."""
 
-    def __init__(self, pick, moved: bool, args: tuple):
-        self.pick, self.moved, self.args = pick, moved, args
+    def __init__(self, pick, moved: bool, args: tuple, kwargs: dict):
+        self.pick, self.moved, self.args, self.kwargs = pick, moved, args, kwargs
         self.gen = None
         self.cancelled = False
 
@@ -309,7 +366,7 @@ class _ActorStream:
             actor = await self.pick(self.moved)
             if self.cancelled:
                 raise asyncio.CancelledError()
-            self.gen = actor.generate.options(num_returns="streaming").remote(*self.args)
+            self.gen = actor.generate.options(num_returns="streaming").remote(*self.args, **self.kwargs)
         ref = await self.gen.__anext__()
         return await ref
 
