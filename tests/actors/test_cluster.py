@@ -78,6 +78,9 @@ def test_cluster_equals_single_process(cluster, tiny_dir, prompts, expected, num
         assert len(info["attention"]) == num_attention and len(info["expert"]) == num_expert
 
         assert asyncio.run(staggered(llm.router, prompts, GREEDY)) == expected
+        # the outputs came back batched: at most one message per step per attention shard, not one per token
+        messages, steps = llm.router.inbox.num_messages, sum(st["num_steps"] for st in llm.shard_stats())
+        assert 0 < messages <= steps < sum(len(t) for t in expected), (messages, steps)
 
         # the batch API gives the same, and bad input is a ValueError that leaves the cluster serving
         assert [o.token_ids for o in llm.generate(prompts[:3], GREEDY)] == expected[:3]
