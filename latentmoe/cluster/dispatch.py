@@ -7,8 +7,9 @@ counts), then hidden states and routing metadata (all-to-all with uneven splits)
 expert shard runs its experts grouped by expert and returns one weighted partial sum
 per received token, which the attention side adds up.
 
-Per MoE layer, three collectives: the counts, the rows (hidden states and routing metadata
-packed into one byte tensor) and the partial sums back. The traffic in the statistics is what
+Per MoE layer, three exchanges: the counts (attention shards to expert shards only), the rows (hidden
+states and routing metadata packed into one byte tensor) and the partial sums back. Each is point to
+point between the ranks that have something for each other: expert shards never talk to each other. The traffic in the statistics is what
 the communicator counted it moved; the ideal next to it is worked out from the routing alone.
 
 Every rank calls the same collectives in the same order, with empty splits when it
@@ -161,7 +162,8 @@ class AttentionDispatcher:
         for shard, rank in enumerate(self.expert_ranks):
             send_counts[rank] = plan.send_counts[shard]
         start = time.perf_counter()
-        recv_counts = self.comm.exchange_counts(send_counts)
+        # the counts go to the expert shards only: an attention shard receives no rows
+        recv_counts = self.comm.exchange_counts(send_counts, send_to=self.expert_ranks, recv_from=[])
         counts_bytes = self.comm.last_traffic.num_bytes
         assert sum(recv_counts) == 0, f"an attention shard received tokens: {recv_counts}"
         hidden = h[plan.token_index]  # [M, D]
@@ -184,14 +186,16 @@ class AttentionDispatcher:
 
 
 def expert_exchange(comm: Communicator, experts, hidden_size: int, k: int, dtype: torch.dtype,
-                    device: torch.device | str = "cpu", slot_map: torch.Tensor | None = None) -> tuple[int, float]:
+                    device: torch.device | str = "cpu", slot_map: torch.Tensor | None = None,
+                    attention_ranks: list[int] | None = None) -> tuple[int, float]:
     """The expert side of one MoE layer: receive rows, run ``experts`` (a ``RoutedExperts``), send sums back.
 
     ``slot_map [P]``: the index in ``experts`` of each placement slot (the rows carry placement slots); without
-    it they are the same. Returns the number of rows processed and the seconds spent in the experts.
+    it they are the same. ``attention_ranks``: the ranks that send rows (the counts come from them only; by
+    default from every rank). Returns the number of rows processed and the seconds spent in the experts.
     """
     W = comm.world_size
-    recv_counts = comm.exchange_counts([0] * W)
+    recv_counts = comm.exchange_counts([0] * W, send_to=[], recv_from=attention_ranks)
     zeros = [0] * W
     row_bytes = hidden_size * dtype.itemsize + 2 * k * 4
     payload = comm.all_to_all(torch.empty(0, row_bytes, dtype=torch.uint8, device=device), zeros, recv_counts)

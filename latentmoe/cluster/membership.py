@@ -58,6 +58,10 @@ class Group:
         return [rank for _, rank in experts]
 
     @property
+    def attention_ranks(self) -> list[int]:
+        return [rank for rank, m in enumerate(self.members) if m.kind == ATTENTION]
+
+    @property
     def attention_ids(self) -> list[str]:
         return [m.id for m in self.members if m.kind == ATTENTION]
 

@@ -309,6 +309,7 @@ class ExpertShard:
         self._stage_lock = threading.Lock()
         self.max_lanes = max_lanes(config)
         self.comms: list[Communicator] = []  # one per lane
+        self.attention_ranks: list[int] | None = None  # the ranks that send rows (from the group)
         self._lanes = _Lanes()
         self.num_rows = 0
 
@@ -354,6 +355,7 @@ class ExpertShard:
                 self.prepare(placement)
                 staged = self._staged
             self.slots, self._staged = staged, None
+        self.attention_ranks = group.attention_ranks
         self.comms = open_lanes(comm, self.max_lanes)
 
     def num_work(self) -> int:
@@ -378,6 +380,7 @@ class ExpertShard:
         slots = self.slots
         for experts in slots.moe_layers:
             n, seconds = expert_exchange(self.comms[lane], experts, self.config.hidden_size,
-                                         self.config.num_experts_per_tok, self.dtype, self.device, slots.slot_map)
+                                         self.config.num_experts_per_tok, self.dtype, self.device, slots.slot_map,
+                                         self.attention_ranks)
             rows, compute = rows + n, compute + seconds
         return rows, compute
