@@ -56,24 +56,33 @@ def fused_moe_ref(
     topk_ids: torch.Tensor,  # [T, K] int, -1 = skip
     topk_weights: torch.Tensor,  # [T, K]
 ) -> torch.Tensor:  # [T, D]
-    """Pure-torch reference: tokens grouped by expert, one matmul pair per expert present."""
+    """Pure-torch reference: tokens grouped by expert, one matmul pair per expert present.
+
+    The gather of the rows, the routing weights and the scatter back are done once for all experts, each expert's
+    rows a slice of them; per expert only its two matmuls and the activation run (on CPU each op costs a few
+    microseconds of dispatch, and a step runs this for every expert of every MoE layer)."""
     T, D = x.shape
     E, two_i, _ = w13.shape
-    assert w13.shape[2] == D and w2.shape == (E, D, two_i // 2), f"{tuple(w13.shape)} {tuple(w2.shape)} D={D}"
+    inter = two_i // 2
+    assert w13.shape[2] == D and w2.shape == (E, D, inter), f"{tuple(w13.shape)} {tuple(w2.shape)} D={D}"
     out = torch.zeros(T, D, dtype=torch.float32, device=x.device)
+    K = topk_ids.shape[1]
     flat_ids = topk_ids.reshape(-1)
     order = torch.argsort(flat_ids, stable=True)
     sorted_ids = flat_ids[order]
-    counts = torch.bincount(sorted_ids[sorted_ids >= 0], minlength=E).tolist()
-    start = int((sorted_ids < 0).sum())
-    K = topk_ids.shape[1]
+    skip = int((sorted_ids < 0).sum())
+    order = order[skip:]  # flat (token, slot) indices of the pairs computed here, grouped by expert
+    counts = torch.bincount(sorted_ids[skip:], minlength=E).tolist()
+    tokens = order // K
+    xs = x[tokens]  # [P, D]
+    ys = torch.empty_like(xs)  # [P, D]
+    start = 0
     for e, n in enumerate(counts):
         if n == 0:
             continue
-        pairs = order[start : start + n]  # flat (token, slot) indices
+        h = F.linear(xs[start : start + n], w13[e])  # [n, 2I]
+        act = F.silu(h[:, :inter], inplace=True).mul_(h[:, inter:])  # [n, I]
+        torch.mm(act, w2[e].t(), out=ys[start : start + n])
         start += n
-        tokens = pairs // K
-        gate, up = F.linear(x[tokens], w13[e]).chunk(2, dim=-1)  # [n, I] each
-        y = F.linear(F.silu(gate) * up, w2[e])  # [n, D]
-        out.index_add_(0, tokens, y.float() * topk_weights.reshape(-1)[pairs, None].float())
+    out.index_add_(0, tokens, ys.float().mul_(topk_weights.reshape(-1)[order, None].float()))
     return out.to(x.dtype)
