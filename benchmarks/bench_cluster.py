@@ -2,7 +2,7 @@
 
     python benchmarks/bench_cluster.py [--model DIR] [--attention-shards 1] [--expert-shards 2]
                                        [--num-prompts 16] [--input-len 64] [--output-len 32]
-                                       [--micro-batches 1,2]
+                                       [--micro-batches 1,2] [--padded-dispatch-tokens 0,256]
 
 Starts a Ray cluster on this machine (a head, attention nodes and expert nodes, each a
 separate raylet), runs the requests greedily through both engines, checks they give the same
@@ -40,12 +40,13 @@ def shard_timings(llm) -> dict:
             "expert": {k: expert[k] for k in ("step_s", "compute_s", "num_steps")}}
 
 
-def run_cluster(args, model, prompts, params, timed, micro_batches: int) -> dict:
-    """One timed run on the cluster with ``micro_batches``; -> its figures (and its outputs, under "outputs")."""
+def run_cluster(args, model, prompts, params, timed, micro_batches: int, padded_dispatch_tokens: int) -> dict:
+    """One timed run on the cluster with ``micro_batches`` and ``padded_dispatch_tokens``; -> its figures (and its
+    outputs, under "outputs")."""
     from latentmoe import LLM, SamplingParams
 
     llm = LLM(model=model, attention_shards=args.attention_shards, expert_shards=args.expert_shards,
-              micro_batches=micro_batches)
+              micro_batches=micro_batches, padded_dispatch_tokens=padded_dispatch_tokens)
     try:
         llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))
         before = shard_timings(llm)
@@ -82,6 +83,8 @@ def main() -> None:
                     help="OMP_WAIT_POLICY for the shards (default: theirs, PASSIVE); the single process keeps this "
                          "process's")
     ap.add_argument("--micro-batches", default="1,2", help="comma-separated EngineConfig.micro_batches settings")
+    ap.add_argument("--padded-dispatch-tokens", default="256",
+                    help="comma-separated EngineConfig.padded_dispatch_tokens settings (0: three exchanges per layer)")
     ap.add_argument("--out", default="results/bench_cluster.json")
     args = ap.parse_args()
 
@@ -122,13 +125,15 @@ def main() -> None:
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         result["cluster"] = {}
-        for setting in [int(m) for m in args.micro_batches.split(",")]:
-            result["cluster"][f"micro_batches={setting}"] = run = run_cluster(args, model, prompts, params, timed,
-                                                                              setting)
+        settings = [(int(m), int(p)) for m in args.micro_batches.split(",")
+                    for p in args.padded_dispatch_tokens.split(",")]
+        for setting, padded in settings:
+            name = f"micro_batches={setting} padded_dispatch_tokens={padded}"
+            result["cluster"][name] = run = run_cluster(args, model, prompts, params, timed, setting, padded)
             same = sum(a.token_ids == b.token_ids for a, b in zip(single_outs, run.pop("outputs")))
             run["identical_outputs"] = f"{same}/{len(prompts)}"
             run["ratio_cluster_over_single"] = run["tokens_per_s"] / result["single_process"]["tokens_per_s"]
-            print(f"cluster A={args.attention_shards} E={args.expert_shards} micro_batches={setting}: "
+            print(f"cluster A={args.attention_shards} E={args.expert_shards} {name}: "
                   f"{run['tokens_per_s']:.1f} tok/s ({run['ratio_cluster_over_single']:.2f}x single process; "
                   f"identical outputs {same}/{len(prompts)})")
             print("  per step (ms): " + ", ".join(f"{k} {v:.2f}" for k, v in run["per_step_ms"].items()))

@@ -135,15 +135,37 @@ def unpack_rows(payload: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> 
     return payload[:, :split].contiguous().view(dtype), payload[:, split:].contiguous().view(torch.float32)
 
 
+def padded(tokens: int, padded_max_tokens: int) -> bool:
+    """Whether a pass of ``tokens`` tokens sends its rows of the later MoE layers padded, their count inside."""
+    return 0 <= tokens <= padded_max_tokens and padded_max_tokens > 0
+
+
+def write_count(block: torch.Tensor, count: int) -> None:
+    """The row count of a padded block, in the first 8 bytes of its header row (``block [1 + cap, row_bytes]``)."""
+    block[0, :8] = torch.tensor([count], dtype=torch.long).view(torch.uint8)
+
+
+def read_count(block: torch.Tensor) -> int:
+    return int(block[0, :8].contiguous().view(torch.long))
+
+
 class AttentionDispatcher:
     """The attention side of the exchange; ``routed(layer, h, ids, weights)`` is the model's ``routed_fn``.
 
     ``placement``: an ``ExpertPlacement``, or a ``ReplicatedPlacement`` (``latentmoe.cluster.eplb``), whose copies
     of hot experts a token uses on the shards it visits anyway. The dispatchers of one shard's micro-batches (one
-    per lane) share ``stats`` and the lock that guards it."""
+    per lane) share ``stats`` and the lock that guards it.
+
+    ``padded_max_tokens`` > 0 (and ``first_layer``, the pass's first MoE layer): two exchanges per MoE layer after
+    the first instead of three. In the first layer the counts carry the pass's token count T too; in the later
+    ones, when T is at most ``padded_max_tokens``, each expert shard gets a block of T + 1 rows (a header row with
+    the count, the rows, then padding: no token goes twice to one shard), sized without asking, as DeepEP's
+    low-latency mode does. Larger passes (prefill) keep the counts: their padding would cost more than the
+    exchange it saves."""
 
     def __init__(self, comm: Communicator, placement, expert_ranks: list[int], max_k: int,
-                 num_experts: int, stats: DispatchStats | None = None, lock: threading.Lock | None = None):
+                 num_experts: int, stats: DispatchStats | None = None, lock: threading.Lock | None = None,
+                 padded_max_tokens: int = 0, first_layer: int | None = None):
         # eplb builds on this module's plan_dispatch
         from latentmoe.cluster.eplb import ReplicatedPlacement, plan_dispatch_replicated
 
@@ -154,24 +176,44 @@ class AttentionDispatcher:
         self.stats = stats if stats is not None else DispatchStats(num_experts, placement.num_shards, max_k)
         self.lock = lock or threading.Lock()
         self.a2a_seconds = 0.0  # time spent in the collectives (waiting for the expert shards included)
+        self.padded_max_tokens = padded_max_tokens if first_layer is not None else 0
+        self.first_layer = first_layer
+        # rows are grouped by destination shard and laid out by rank: the two orders must agree
+        assert expert_ranks == sorted(expert_ranks), f"expert ranks out of slot order: {expert_ranks}"
 
     def routed(self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
         plan = self._plan(topk_ids, topk_weights, self.placement)
-        W = self.comm.world_size
+        W, T = self.comm.world_size, h.shape[0]
         send_counts = [0] * W
         for shard, rank in enumerate(self.expert_ranks):
             send_counts[rank] = plan.send_counts[shard]
-        start = time.perf_counter()
-        # the counts go to the expert shards only: an attention shard receives no rows
-        recv_counts = self.comm.exchange_counts(send_counts, send_to=self.expert_ranks, recv_from=[])
-        counts_bytes = self.comm.last_traffic.num_bytes
-        assert sum(recv_counts) == 0, f"an attention shard received tokens: {recv_counts}"
         hidden = h[plan.token_index]  # [M, D]
         meta = torch.cat([plan.slot_ids.float(), plan.weights], dim=1)  # [M, 2K] (slot ids are exact in float32)
-        self.comm.all_to_all(pack_rows(hidden, meta), send_counts, recv_counts)
+        rows = pack_rows(hidden, meta)
+        start = time.perf_counter()
+        counts_bytes = 0
+        first = self.padded_max_tokens == 0 or layer == self.first_layer
+        if first or not padded(T, self.padded_max_tokens):
+            # the counts go to the expert shards only (an attention shard receives no rows); with padding on, the
+            # first layer's carry the pass's token count too
+            values = [[send_counts[r], T] if self.padded_max_tokens else [send_counts[r]] for r in self.expert_ranks]
+            to = [int(r in self.expert_ranks) for r in range(W)]
+            self.comm.all_to_all(torch.tensor(values, dtype=torch.long, device=h.device).reshape(len(values), -1),
+                                 to, [0] * W)
+            counts_bytes = self.comm.last_traffic.num_bytes
+            self.comm.all_to_all(rows, send_counts, [0] * W)
+        else:  # a block of T + 1 rows to each expert shard, the count in its header row
+            block = T + 1
+            buf = torch.zeros(len(self.expert_ranks) * block, rows.shape[1], dtype=torch.uint8, device=h.device)
+            offset = 0
+            for shard, n in enumerate(plan.send_counts):
+                write_count(buf[shard * block:], n)
+                buf[shard * block + 1 : shard * block + 1 + n] = rows[offset : offset + n]
+                offset += n
+            self.comm.all_to_all(buf, [block if r in self.expert_ranks else 0 for r in range(W)], [0] * W)
         rows_bytes = self.comm.last_traffic.num_bytes
         partial = self.comm.all_to_all(torch.empty(0, h.shape[1], dtype=h.dtype, device=h.device),
-                                       recv_counts, send_counts)  # [M, D], same order as sent
+                                       [0] * W, send_counts)  # [M, D], same order as sent
         rows_bytes += self.comm.last_traffic.num_bytes
         self.a2a_seconds += time.perf_counter() - start
         routed = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
@@ -187,18 +229,47 @@ class AttentionDispatcher:
 
 def expert_exchange(comm: Communicator, experts, hidden_size: int, k: int, dtype: torch.dtype,
                     device: torch.device | str = "cpu", slot_map: torch.Tensor | None = None,
-                    attention_ranks: list[int] | None = None) -> tuple[int, float]:
+                    attention_ranks: list[int] | None = None, padded_max_tokens: int = 0,
+                    pass_tokens: dict[int, int] | None = None) -> tuple[int, float, dict[int, int]]:
     """The expert side of one MoE layer: receive rows, run ``experts`` (a ``RoutedExperts``), send sums back.
 
     ``slot_map [P]``: the index in ``experts`` of each placement slot (the rows carry placement slots); without
     it they are the same. ``attention_ranks``: the ranks that send rows (the counts come from them only; by
-    default from every rank). Returns the number of rows processed and the seconds spent in the experts.
+    default from every rank). ``padded_max_tokens`` as ``AttentionDispatcher``'s; ``pass_tokens``: each sender's
+    token count in this pass, from the pass's first MoE layer (None: this is the first). Returns the number of
+    rows processed, the seconds spent in the experts, and ``pass_tokens`` for the next layer.
     """
     W = comm.world_size
-    recv_counts = comm.exchange_counts([0] * W, send_to=[], recv_from=attention_ranks)
+    senders = list(range(W)) if attention_ranks is None else list(attention_ranks)
     zeros = [0] * W
     row_bytes = hidden_size * dtype.itemsize + 2 * k * 4
-    payload = comm.all_to_all(torch.empty(0, row_bytes, dtype=torch.uint8, device=device), zeros, recv_counts)
+    width = 2 if padded_max_tokens else 1
+    if pass_tokens is None or not padded_max_tokens:
+        asking = senders  # the first layer (or padding off): every sender says its count
+    else:
+        asking = [r for r in senders if not padded(pass_tokens[r], padded_max_tokens)]
+    recv_counts = [0] * W
+    if asking:
+        got = comm.all_to_all(torch.empty(0, width, dtype=torch.long, device=device), zeros,
+                              [int(r in asking) for r in range(W)]).tolist()
+        for r, values in zip(sorted(asking), got):
+            recv_counts[r] = values[0]
+        if pass_tokens is None and padded_max_tokens:
+            pass_tokens = {r: values[1] for r, values in zip(sorted(asking), got)}
+    blocks = [pass_tokens[r] + 1 if r in senders and r not in asking else 0 for r in range(W)] if pass_tokens \
+        else zeros
+    splits = [blocks[r] or recv_counts[r] for r in range(W)]
+    payload = comm.all_to_all(torch.empty(0, row_bytes, dtype=torch.uint8, device=device), zeros, splits)
+    if any(blocks):  # cut each padded block to its rows
+        parts, offset = [], 0
+        for r in range(W):
+            if blocks[r]:
+                recv_counts[r] = read_count(payload[offset:])
+                parts.append(payload[offset + 1 : offset + 1 + recv_counts[r]])
+            elif splits[r]:
+                parts.append(payload[offset : offset + splits[r]])
+            offset += splits[r]
+        payload = torch.cat(parts) if parts else payload[:0]
     hidden, meta = unpack_rows(payload, hidden_size, dtype)
     slot_ids, weights = meta[:, :k].long(), meta[:, k:]
     if slot_map is not None and len(slot_ids):
@@ -207,4 +278,4 @@ def expert_exchange(comm: Communicator, experts, hidden_size: int, k: int, dtype
     out = experts.moe_impl(hidden, experts.w13, experts.w2, slot_ids, weights) if len(hidden) else hidden
     compute = time.perf_counter() - start
     comm.all_to_all(out.to(dtype), recv_counts, zeros)
-    return len(hidden), compute
+    return len(hidden), compute, pass_tokens

@@ -192,7 +192,9 @@ class AttentionShard:
         previous = self.dispatchers
         stats, lock = (previous[0].stats, previous[0].lock) if previous else (None, None)
         self.dispatchers = [AttentionDispatcher(lane, self.placement, group.expert_ranks, c.num_experts_per_tok,
-                                                c.n_routed_experts, stats=stats, lock=lock)
+                                                c.n_routed_experts, stats=stats, lock=lock,
+                                                padded_max_tokens=self.engine.config.padded_dispatch_tokens,
+                                                first_layer=min(c.moe_layers, default=None))
                             for lane in open_lanes(comm, max_lanes(self.engine.config))]
         self.dispatchers[0].a2a_seconds = sum(d.a2a_seconds for d in previous)
 
@@ -378,9 +380,11 @@ class ExpertShard:
     def _serve_lane(self, lane: int) -> tuple[int, float]:
         rows, compute = 0, 0.0
         slots = self.slots
+        pass_tokens = None  # each attention shard's tokens in this pass, from the first MoE layer's counts
         for experts in slots.moe_layers:
-            n, seconds = expert_exchange(self.comms[lane], experts, self.config.hidden_size,
-                                         self.config.num_experts_per_tok, self.dtype, self.device, slots.slot_map,
-                                         self.attention_ranks)
+            n, seconds, pass_tokens = expert_exchange(
+                self.comms[lane], experts, self.config.hidden_size, self.config.num_experts_per_tok, self.dtype,
+                self.device, slots.slot_map, self.attention_ranks, self.engine_config.padded_dispatch_tokens,
+                pass_tokens)
             rows, compute = rows + n, compute + seconds
         return rows, compute

@@ -30,6 +30,10 @@ class EngineConfig:
     # runs attention). 1: one batch; 2: two; 0: on CUDA, two when an attention shard has at least 4 requests, else
     # one; on CPU one (measured faster where shards share cores)
     micro_batches: int = 0
+    # disaggregated cluster: a forward pass of at most this many tokens (decode) sends its rows of every MoE layer
+    # after the first with their count inside, in a block of fixed size per expert shard: two exchanges per layer
+    # instead of three (counts, rows, sums). 0: always three. Larger passes (prefill) always send counts first.
+    padded_dispatch_tokens: int = 256
     # disaggregated cluster, expert load balancing (``latentmoe.cluster.eplb``): redundant slots per expert shard
     # (copies of hot experts); every eplb_interval_s seconds (0: only when asked) the coordinator rebalances if the
     # expert shards' imbalance (max / mean tokens over the last eplb_window_s) is above eplb_threshold.
@@ -61,6 +65,10 @@ class EngineConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.kernels not in ("auto", "triton", "torch"):
             raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}")
+        if isinstance(self.padded_dispatch_tokens, bool) or not isinstance(self.padded_dispatch_tokens, int) or \
+                self.padded_dispatch_tokens < 0:
+            raise ValueError(f"padded_dispatch_tokens must be a non-negative integer, got "
+                             f"{self.padded_dispatch_tokens!r}")
         if self.micro_batches not in (0, 1, 2):
             raise ValueError(f"micro_batches must be 0 (by batch size), 1 or 2, got {self.micro_batches!r}")
         if not isinstance(self.redundant_experts, int) or isinstance(self.redundant_experts, bool) \

@@ -152,3 +152,77 @@ def test_traffic_counted_by_the_communicator_is_the_ideal(dtype):
             expected.received[a] += rows[a, s] * there
             expected.sent[a] += rows[a, s] * back
         assert results[r]["traffic"] == expected, r
+
+
+# --- two exchanges per MoE layer: the later layers' rows padded, their count inside ------------------------------
+
+PASS_TOKENS = {0: 7, 1: 11}  # attention rank -> tokens of its pass (the same in every layer of a pass)
+PADDED_MAX = 8  # rank 0's pass is padded after the first layer; rank 1's (11 tokens) keeps asking with counts
+PASS_LAYERS = [1, 2, 3]
+
+
+def pass_routing(rank: int, layer: int, dtype: torch.dtype):
+    gen = torch.Generator().manual_seed(100 * rank + layer)
+    T = PASS_TOKENS[rank]
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)])
+    if layer == 2:
+        ids[:] = torch.arange(K)  # every token on shard 0 only: shard 1 gets a block with a count of 0
+    return torch.randn(T, D, generator=gen).to(dtype), ids, torch.rand(T, K, generator=gen) + 0.1
+
+
+def _padded_worker(rank, world, address, results, dtype):
+    placement = ExpertPlacement.build(ModelConfig.from_dict(TINY_CONFIG), len(EXPERT))
+    comm = GlooCommunicator(rank, world, address, timeout_s=120)
+    if rank in ATTENTION:
+        dispatcher = AttentionDispatcher(comm, placement, EXPERT, max_k=K, num_experts=E,
+                                         padded_max_tokens=PADDED_MAX, first_layer=PASS_LAYERS[0])
+        errors = []
+        for layer in PASS_LAYERS:
+            h, ids, weights = pass_routing(rank, layer, dtype)
+            routed = dispatcher.routed(layer, h, ids, weights)
+            expected = h.float() * (weights * (ids + 1)).sum(1, keepdim=True)
+            errors.append(float((routed.float() - expected).abs().max() / expected.abs().max()))
+        results[rank] = dict(traffic=comm.traffic, stats=dispatcher.stats.as_dict(), errors=errors)
+    else:
+        experts = TaggedExperts(placement.experts_on(EXPERT.index(rank)))
+        rows, tokens = [], None
+        for _ in PASS_LAYERS:
+            n, _, tokens = expert_exchange(comm, experts, D, K, dtype, attention_ranks=ATTENTION,
+                                           padded_max_tokens=PADDED_MAX, pass_tokens=tokens)
+            rows.append(n)
+        results[rank] = dict(traffic=comm.traffic, rows=rows, pass_tokens=tokens)
+    comm.close()
+
+
+def test_padded_rows_after_the_first_layer_carry_their_count():
+    """Rank 0 (7 tokens) sends its later layers' rows as blocks of 8 rows per expert shard, count in the header,
+    and no counts; rank 1 (11 tokens, over the bound) sends counts every layer. Every partial sum comes back to
+    its token; the bytes counted are the blocks, padding and all."""
+    dtype = torch.float32
+    world = len(ATTENTION) + len(EXPERT)
+    results = run_ranks(_padded_worker, world, dtype)
+    shard_of_expert = ExpertPlacement.build(ModelConfig.from_dict(TINY_CONFIG), len(EXPERT)).shard_of_expert
+    there, back, counts = D * 4 + 2 * K * 4, D * 4, 2 * 8  # a count and the pass's tokens: two int64
+    rows = {(a, layer, s): 0 for a in ATTENTION for layer in PASS_LAYERS for s in range(len(EXPERT))}
+    for a in ATTENTION:
+        for layer in PASS_LAYERS:
+            for token in pass_routing(a, layer, dtype)[1].tolist():
+                for s in {shard_of_expert[e] for e in token}:
+                    rows[a, layer, s] += 1
+    assert rows[0, 2, 1] == 0  # the block with a count of 0
+    for a in ATTENTION:
+        expected = Traffic.zero(world)
+        for layer in PASS_LAYERS:
+            padded = layer != PASS_LAYERS[0] and PASS_TOKENS[a] <= PADDED_MAX
+            for s, r in enumerate(EXPERT):
+                if padded:
+                    expected.sent[r] += (PASS_TOKENS[a] + 1) * there
+                else:
+                    expected.sent[r] += counts + rows[a, layer, s] * there
+                expected.received[r] += rows[a, layer, s] * back
+        got = results[a]
+        assert got["traffic"] == expected, a
+        assert max(got["errors"]) < 1e-6, got["errors"]
+    for s, r in enumerate(EXPERT):
+        assert results[r]["pass_tokens"] == PASS_TOKENS
+        assert results[r]["rows"] == [sum(rows[a, layer, s] for a in ATTENTION) for layer in PASS_LAYERS]
