@@ -38,7 +38,12 @@ async def one_stream(client: httpx.AsyncClient, url: str, model: str, prompt: li
     first, events, tokens = None, 0, 0
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         if r.status_code != 200:
-            return {"error": f"HTTP {r.status_code}"}
+            body = (await r.aread()).decode(errors="replace")
+            try:
+                body = json.loads(body)["error"]["message"]
+            except (ValueError, KeyError, TypeError):
+                pass
+            return {"error": f"HTTP {r.status_code}: {body[:200]}"}
         async for line in r.aiter_lines():
             if not line.startswith("data: {"):
                 continue

@@ -252,7 +252,7 @@ class AttentionServer:
         return self.shard.cache_stats_and_limits() | {
             "member_id": self.member_id, "epoch": self.steps.epoch, "num_steps": self.steps.num_steps,
             "num_idle_rounds": self.steps.num_idle_rounds, "num_wakeups": self.steps.num_wakeups,
-            "num_faults": self.steps.num_faults,
+            "num_faults": self.steps.num_faults, "open_calls": len(self.streams),
             "dispatch": self.shard.stats(), "timings": dict(self.shard.timings), "pid": os.getpid(),
             "node_id": self.member.node_id, "draining": self.draining}
 
