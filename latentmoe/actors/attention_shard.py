@@ -119,7 +119,8 @@ class AttentionServer:
                 self.steps.assign(group)
 
     def _report_load(self, stats: dict) -> None:  # the step thread, about once a second
-        cache = self.shard.cache | {"step_s": self.shard.timings["step_s"], "num_steps": self.shard.timings["num_steps"]}
+        timings = self.shard.timings
+        cache = self.shard.cache | {"step_s": timings["step_s"], "num_steps": timings["num_steps"]}
         self.coordinator.report_load.remote(self.member_id, stats, cache)
 
     def _gauges(self) -> None:

@@ -8,12 +8,14 @@ expert shard runs its experts grouped by expert and returns one weighted partial
 per received token, which the attention side adds up.
 
 Per MoE layer, three exchanges: the counts (attention shards to expert shards only), the rows (hidden
-states and routing metadata packed into one byte tensor) and the partial sums back. Each is point to
-point between the ranks that have something for each other: expert shards never talk to each other. The traffic in the statistics is what
-the communicator counted it moved; the ideal next to it is worked out from the routing alone.
+states and routing metadata packed into one byte tensor) and the partial sums back; a decode pass makes two
+in every layer after its first (``padded_dispatch_tokens``: the rows in a block of fixed size, their count
+inside). Each is point to point between the ranks that have something for each other: expert shards never
+talk to each other. The traffic in the statistics is what the communicator counted it moved (padding
+included); the ideal next to it is worked out from the routing alone.
 
-Every rank calls the same collectives in the same order, with empty splits when it
-has nothing to send, so the group stays in lockstep.
+Every rank calls the same exchanges in the same order, with empty ones when it has nothing to send, so
+the group stays in lockstep.
 
 Legend: T tokens on this attention shard, K experts per token, S expert shards,
 W world size, M rows sent (Σ over tokens of distinct shards reached), D hidden.
