@@ -76,6 +76,8 @@ class DispatchStats:
     # metadata there, partial sums back
     a2a_bytes: int = 0
     a2a_counts_bytes: int = 0  # bytes the communicator moved exchanging the split sizes
+    # of a2a_bytes, what padded blocks added to the rows (header rows and padding): a2a_bytes = ideal + this
+    a2a_padding_bytes: int = 0
     ideal_bytes: int = 0  # each token once per distinct destination shard, with its metadata, there and back
 
     def __post_init__(self):
@@ -104,6 +106,7 @@ class DispatchStats:
         self.devices_histogram = [a + b for a, b in zip(self.devices_histogram, other.devices_histogram)]
         self.a2a_bytes += other.a2a_bytes
         self.a2a_counts_bytes += other.a2a_counts_bytes
+        self.a2a_padding_bytes += other.a2a_padding_bytes
         self.ideal_bytes += other.ideal_bytes
 
     @classmethod
@@ -114,6 +117,7 @@ class DispatchStats:
             stats.tokens_per_shard, stats.devices_histogram = list(d["tokens_per_shard"]), list(d["devices_histogram"])
             stats.pairs_per_shard = list(d.get("pairs_per_shard") or [0] * num_shards)
             stats.a2a_bytes, stats.a2a_counts_bytes = d["a2a_bytes"], d["a2a_counts_bytes"]
+            stats.a2a_padding_bytes = d.get("a2a_padding_bytes", 0)
             stats.ideal_bytes = d["ideal_bytes"]
         return stats
 
@@ -123,6 +127,7 @@ class DispatchStats:
             "tokens_per_shard": self.tokens_per_shard, "pairs_per_shard": self.pairs_per_shard,
             "devices_histogram": self.devices_histogram,
             "a2a_bytes": self.a2a_bytes, "a2a_counts_bytes": self.a2a_counts_bytes, "ideal_bytes": self.ideal_bytes,
+            "a2a_padding_bytes": self.a2a_padding_bytes,
         }
 
 
@@ -193,7 +198,7 @@ class AttentionDispatcher:
         meta = torch.cat([plan.slot_ids.float(), plan.weights], dim=1)  # [M, 2K] (slot ids are exact in float32)
         rows = pack_rows(hidden, meta)
         start = time.perf_counter()
-        counts_bytes = 0
+        counts_bytes = padding_bytes = 0
         first = self.padded_max_tokens == 0 or layer == self.first_layer
         if first or not padded(T, self.padded_max_tokens):
             # the counts go to the expert shards only (an attention shard receives no rows); with padding on, the
@@ -213,6 +218,7 @@ class AttentionDispatcher:
                 buf[shard * block + 1 : shard * block + 1 + n] = rows[offset : offset + n]
                 offset += n
             self.comm.all_to_all(buf, [block if r in self.expert_ranks else 0 for r in range(W)], [0] * W)
+            padding_bytes = (len(buf) - rows.shape[0]) * rows.shape[1]
         rows_bytes = self.comm.last_traffic.num_bytes
         partial = self.comm.all_to_all(torch.empty(0, h.shape[1], dtype=h.dtype, device=h.device),
                                        [0] * W, send_counts)  # [M, D], same order as sent
@@ -226,6 +232,7 @@ class AttentionDispatcher:
             self.stats.record(layer, topk_ids, plan, bytes_per_row=2 * hidden_bytes + 2 * K * 4)  # + slots, weights
             self.stats.a2a_bytes += rows_bytes
             self.stats.a2a_counts_bytes += counts_bytes
+            self.stats.a2a_padding_bytes += padding_bytes
         return routed.to(h.dtype)
 
 

@@ -36,6 +36,7 @@ class LoadDelta:
     devices_histogram: list[int]
     a2a_bytes: int
     ideal_bytes: int
+    padding_bytes: int = 0
 
 
 def _sub(a: list[int], b: list[int] | None) -> list[int]:
@@ -83,6 +84,7 @@ class ExpertLoadWindow:
             devices_histogram=_sub(snapshot["devices_histogram"], prev.get("devices_histogram")),
             a2a_bytes=snapshot["a2a_bytes"] - prev.get("a2a_bytes", 0),
             ideal_bytes=snapshot["ideal_bytes"] - prev.get("ideal_bytes", 0),
+            padding_bytes=snapshot.get("a2a_padding_bytes", 0) - prev.get("a2a_padding_bytes", 0),
         )
         if any(delta.tokens_per_shard) or any(any(v) for v in delta.tokens_per_expert.values()):
             self.deltas.append(delta)
@@ -95,7 +97,7 @@ class ExpertLoadWindow:
         now = time.time() if now is None else now
         experts: dict[int, list[int]] = {}
         shards = pairs = devices = None
-        a2a = ideal = 0
+        a2a = ideal = padding = 0
         for d in self.deltas:
             if d.time < now - window_s:
                 continue
@@ -103,7 +105,7 @@ class ExpertLoadWindow:
                 experts[layer] = _add(experts.get(layer), counts)
             shards, devices = _add(shards, d.tokens_per_shard), _add(devices, d.devices_histogram)
             pairs = _add(pairs, d.pairs_per_shard)
-            a2a, ideal = a2a + d.a2a_bytes, ideal + d.ideal_bytes
+            a2a, ideal, padding = a2a + d.a2a_bytes, ideal + d.ideal_bytes, padding + d.padding_bytes
         shards, pairs = _fit(shards, self.num_shards), _fit(pairs, self.num_shards)
         devices = devices or [0] * (self.max_k + 1)
         layers = sorted(experts)
@@ -124,7 +126,8 @@ class ExpertLoadWindow:
             "mean_devices_per_token": round(sum(n * c for n, c in enumerate(devices)) / sum(devices), 4)
             if sum(devices) else 0.0,
             "hottest_experts": [{"layer": layer, "expert": e, "tokens": n} for n, layer, e in hottest if n],
-            "a2a_bytes": a2a, "ideal_bytes": ideal,
+            # the bytes moved, those the routing needed, and those padded blocks added (a2a = ideal + padding)
+            "a2a_bytes": a2a, "ideal_bytes": ideal, "a2a_padding_bytes": padding,
         }
 
 

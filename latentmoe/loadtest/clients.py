@@ -211,7 +211,7 @@ def expert_load_from_proto(msg) -> dict:
             "tokens_per_shard": list(msg.tokens_per_shard), "shard_imbalance": msg.shard_imbalance,
             "devices_histogram": list(msg.devices_histogram),
             "hottest_experts": [{"layer": layer, "expert": e, "tokens": n} for n, layer, e in hottest],
-            "a2a_bytes": msg.a2a_bytes, "ideal_bytes": msg.ideal_bytes}
+            "a2a_bytes": msg.a2a_bytes, "ideal_bytes": msg.ideal_bytes, "a2a_padding_bytes": msg.a2a_padding_bytes}
 
 
 async def sse_chunks(response) -> AsyncIterator[dict | None]:

@@ -223,6 +223,7 @@ def summarize_expert_load(load: dict, since: float | None = None) -> dict:
         "mean_devices_per_token": mean_devices,
         "a2a_bytes": a2a,
         "ideal_bytes": ideal,
+        "a2a_padding_bytes": load.get("a2a_padding_bytes"),  # what padded blocks (decode passes) added
         "a2a_over_ideal": a2a / ideal if isinstance(a2a, (int, float)) and ideal else None,
         "work_imbalance": load.get("shard_work_imbalance"),
         "placement_version": placement.get("version"),

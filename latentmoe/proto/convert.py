@@ -134,4 +134,5 @@ def expert_load_to_proto(load: dict) -> pb.ExpertLoadResponse:
                              imbalance=load["imbalance_per_layer"][layer])
                 for layer, counts in load["tokens_per_expert"].items()],
         tokens_per_shard=load["tokens_per_shard"], shard_imbalance=load["shard_imbalance"],
-        devices_histogram=load["devices_histogram"], a2a_bytes=load["a2a_bytes"], ideal_bytes=load["ideal_bytes"])
+        devices_histogram=load["devices_histogram"], a2a_bytes=load["a2a_bytes"], ideal_bytes=load["ideal_bytes"],
+        a2a_padding_bytes=load.get("a2a_padding_bytes", 0))

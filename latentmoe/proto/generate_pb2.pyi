@@ -164,7 +164,7 @@ class LayerLoad(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., tokens_per_expert: _Optional[_Iterable[int]] = ..., imbalance: _Optional[float] = ...) -> None: ...
 
 class ExpertLoadResponse(_message.Message):
-    __slots__ = ("window_s", "layers", "tokens_per_shard", "shard_imbalance", "devices_histogram", "a2a_bytes", "ideal_bytes")
+    __slots__ = ("window_s", "layers", "tokens_per_shard", "shard_imbalance", "devices_histogram", "a2a_bytes", "ideal_bytes", "a2a_padding_bytes")
     WINDOW_S_FIELD_NUMBER: _ClassVar[int]
     LAYERS_FIELD_NUMBER: _ClassVar[int]
     TOKENS_PER_SHARD_FIELD_NUMBER: _ClassVar[int]
@@ -172,6 +172,7 @@ class ExpertLoadResponse(_message.Message):
     DEVICES_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
     A2A_BYTES_FIELD_NUMBER: _ClassVar[int]
     IDEAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    A2A_PADDING_BYTES_FIELD_NUMBER: _ClassVar[int]
     window_s: float
     layers: _containers.RepeatedCompositeFieldContainer[LayerLoad]
     tokens_per_shard: _containers.RepeatedScalarFieldContainer[int]
@@ -179,4 +180,5 @@ class ExpertLoadResponse(_message.Message):
     devices_histogram: _containers.RepeatedScalarFieldContainer[int]
     a2a_bytes: int
     ideal_bytes: int
-    def __init__(self, window_s: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., tokens_per_shard: _Optional[_Iterable[int]] = ..., shard_imbalance: _Optional[float] = ..., devices_histogram: _Optional[_Iterable[int]] = ..., a2a_bytes: _Optional[int] = ..., ideal_bytes: _Optional[int] = ...) -> None: ...
+    a2a_padding_bytes: int
+    def __init__(self, window_s: _Optional[float] = ..., layers: _Optional[_Iterable[_Union[LayerLoad, _Mapping]]] = ..., tokens_per_shard: _Optional[_Iterable[int]] = ..., shard_imbalance: _Optional[float] = ..., devices_histogram: _Optional[_Iterable[int]] = ..., a2a_bytes: _Optional[int] = ..., ideal_bytes: _Optional[int] = ..., a2a_padding_bytes: _Optional[int] = ...) -> None: ...

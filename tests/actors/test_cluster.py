@@ -63,13 +63,15 @@ async def staggered(client, prompts, params) -> list[list[int]]:
                                   TIMEOUT)
 
 
-@pytest.mark.parametrize("num_attention,num_expert,micro_batches",
-                         [(1, 1, 1), (1, 2, 1), (1, 2, 2), (1, 4, 1), (2, 1, 1), (2, 2, 1), (2, 2, 2), (2, 4, 1)])
+@pytest.mark.parametrize("num_attention,num_expert,micro_batches,padded",
+                         [(1, 1, 1, 256), (1, 2, 1, 256), (1, 2, 1, 0), (1, 2, 2, 256), (1, 4, 1, 256), (2, 1, 1, 256),
+                          (2, 2, 1, 256), (2, 2, 1, 0), (2, 2, 2, 256), (2, 4, 1, 256)])
 def test_cluster_equals_single_process(cluster, tiny_dir, prompts, expected, num_attention, num_expert,
-                                       micro_batches):
-    """``micro_batches=2``: every step as two micro-batches on two lanes (ping-pong), the same tokens."""
+                                       micro_batches, padded):
+    """``micro_batches=2``: every step as two micro-batches on two lanes (ping-pong), the same tokens;
+    ``padded`` 0: three exchanges per MoE layer, else decode passes padded after the first MoE layer."""
     llm = LLM(model=str(tiny_dir), attention_shards=num_attention, expert_shards=num_expert, block_size=16,
-              num_blocks=64, timeout_s=TIMEOUT, micro_batches=micro_batches)
+              num_blocks=64, timeout_s=TIMEOUT, micro_batches=micro_batches, padded_dispatch_tokens=padded)
     try:
         info = llm.shards()
         # the actors really are on the nodes of their role
@@ -102,7 +104,9 @@ def test_cluster_equals_single_process(cluster, tiny_dir, prompts, expected, num
         # its K slot ids and weights there and a float32 partial sum back
         D, K = TINY_CONFIG["hidden_size"], TINY_CONFIG["num_experts_per_tok"]
         rows = sum(n * c for n, c in enumerate(histogram))
-        assert stats["a2a_bytes"] == stats["ideal_bytes"] == rows * (2 * D * 4 + 2 * K * 4) > 0
+        assert stats["ideal_bytes"] == rows * (2 * D * 4 + 2 * K * 4) > 0
+        assert stats["a2a_bytes"] == stats["ideal_bytes"] + stats["a2a_padding_bytes"]
+        assert (stats["a2a_padding_bytes"] > 0) == (padded > 0)  # decode passes padded, or none
 
         cache = llm.cache_stats()
         assert cache["num_free_blocks"] == cache["num_blocks"] == 64 * num_attention

@@ -223,6 +223,9 @@ def test_padded_rows_after_the_first_layer_carry_their_count():
         got = results[a]
         assert got["traffic"] == expected, a
         assert max(got["errors"]) < 1e-6, got["errors"]
+        stats = got["stats"]  # the padding is accounted for: what moved is the ideal plus the blocks' slack
+        assert stats["a2a_bytes"] == stats["ideal_bytes"] + stats["a2a_padding_bytes"]
+        assert (stats["a2a_padding_bytes"] > 0) == (PASS_TOKENS[a] <= PADDED_MAX)
     for s, r in enumerate(EXPERT):
         assert results[r]["pass_tokens"] == PASS_TOKENS
         assert results[r]["rows"] == [sum(rows[a, layer, s] for a in ATTENTION) for layer in PASS_LAYERS]
