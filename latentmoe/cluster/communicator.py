@@ -110,20 +110,12 @@ class Communicator(ABC):
         self.traffic = Traffic.zero(self.world_size)  # since the communicator was made
         self.last_traffic = Traffic.zero(self.world_size)  # of the last all_to_all (exchange_counts included)
 
-    def exchange_counts(self, send_counts: list[int], send_to: list[int] | None = None,
-                        recv_from: list[int] | None = None) -> list[int]:
-        """What every rank will send to this one (the split sizes, exchanged before the payload). With
-        ``send_to`` / ``recv_from`` (every rank by default) the counts go to those ranks only and come from those
-        only (0 for the others): the ranks of a pair that never exchange rows need not talk."""
-        W = self.world_size
-        assert len(send_counts) == W, f"{len(send_counts)} counts for {W} ranks"
-        to = set(range(W) if send_to is None else send_to)
-        sources = set(range(W) if recv_from is None else recv_from)
-        rows = torch.tensor([[c] for r, c in enumerate(send_counts) if r in to], dtype=torch.long, device=self.device)
-        recv = self.all_to_all(rows.reshape(-1, 1), [int(r in to) for r in range(W)],
-                               [int(r in sources) for r in range(W)]).flatten().tolist()
-        got = iter(recv)
-        return [next(got) if r in sources else 0 for r in range(W)]
+    def exchange_counts(self, send_counts: list[int]) -> list[int]:
+        """What every rank will send to this one (the split sizes, exchanged before the payload)."""
+        assert len(send_counts) == self.world_size, f"{len(send_counts)} counts for {self.world_size} ranks"
+        ones = [1] * self.world_size
+        recv = self.all_to_all(torch.tensor(send_counts, dtype=torch.long, device=self.device)[:, None], ones, ones)
+        return recv.flatten().tolist()
 
     def all_gather_ints(self, values: list[int]) -> list[list[int]]:
         """Every rank's ``values`` (the same length on every rank), in rank order: the step loop's small

@@ -144,15 +144,11 @@ def unpack_rows(payload: torch.Tensor, hidden_size: int, dtype: torch.dtype) -> 
 
 def padded(tokens: int, padded_max_tokens: int) -> bool:
     """Whether a pass of ``tokens`` tokens sends its rows of the later MoE layers padded, their count inside."""
-    return 0 <= tokens <= padded_max_tokens and padded_max_tokens > 0
-
-
-def write_count(block: torch.Tensor, count: int) -> None:
-    """The row count of a padded block, in the first 8 bytes of its header row (``block [1 + cap, row_bytes]``)."""
-    block[0, :8] = torch.tensor([count], dtype=torch.long).view(torch.uint8)
+    return 0 < padded_max_tokens and tokens <= padded_max_tokens
 
 
 def read_count(block: torch.Tensor) -> int:
+    """The row count of a padded block, from the first 8 bytes of its header row (``block [1 + cap, row_bytes]``)."""
     return int(block[0, :8].contiguous().view(torch.long))
 
 
@@ -210,11 +206,13 @@ class AttentionDispatcher:
             counts_bytes = self.comm.last_traffic.num_bytes
             self.comm.all_to_all(rows, send_counts, [0] * W)
         else:  # a block of T + 1 rows to each expert shard, the count in its header row
-            block = T + 1
-            buf = torch.zeros(len(self.expert_ranks) * block, rows.shape[1], dtype=torch.uint8, device=h.device)
+            block, S = T + 1, len(self.expert_ranks)
+            buf = torch.zeros(S * block, rows.shape[1], dtype=torch.uint8, device=h.device)
+            # every block's count in the first 8 bytes of its header row, in one copy
+            buf.view(S, block, -1)[:, 0, :8] = torch.tensor(plan.send_counts, dtype=torch.long).view(torch.uint8) \
+                .view(S, 8)
             offset = 0
             for shard, n in enumerate(plan.send_counts):
-                write_count(buf[shard * block:], n)
                 buf[shard * block + 1 : shard * block + 1 + n] = rows[offset : offset + n]
                 offset += n
             self.comm.all_to_all(buf, [block if r in self.expert_ranks else 0 for r in range(W)], [0] * W)
