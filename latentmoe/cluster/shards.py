@@ -35,7 +35,7 @@ from latentmoe.engine.engine import LLMEngine, RequestOutput
 from latentmoe.engine.engine_config import EngineConfig
 from latentmoe.cluster.membership import Group
 from latentmoe.engine.sampling_params import SamplingParams
-from latentmoe.kernels import set_kernels, use_triton
+from latentmoe.kernels import kernel_family, set_kernels
 from latentmoe.model.loader import load_model, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -322,7 +322,7 @@ class ExpertShard:
         held = sorted({e for e in slots if e >= 0})
         model = load_model(self.engine_config.model, dtype=self.dtype, attention=False, expert_ids=held,
                            device=self.device)
-        set_kernels(model, use_triton(self.engine_config.kernels, self.device))
+        set_kernels(model, kernel_family(self.engine_config.kernels, self.device))
         self.config = model.config
         slot_map = torch.tensor([held.index(e) if e >= 0 else -1 for e in slots], dtype=torch.long,
                                 device=self.device)

@@ -221,10 +221,10 @@ class LLMEngine:
         self.scheduler = Scheduler(SchedulerConfig(
             max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
             max_model_len=max_model_len, eos_token_ids=self.model_config.eos_token_ids), self.block_manager)
-        from latentmoe.kernels import use_triton
+        from latentmoe.kernels import kernel_family
 
         self.runner = ModelRunner(self.model, self.cache, prefill_absorbed=config.prefill_mla == "absorbed",
-                                  use_triton=use_triton(config.kernels, self.device))
+                                  kernels=kernel_family(config.kernels, self.device))
         self.sampler = Sampler(seed=config.seed, eos_token_ids=tuple(self.model_config.eos_token_ids))
         self.requests: dict[str, _Request] = {}
         self._samples: dict[str, tuple[_Request, _Sample]] = {}  # sequence id -> its request and sample

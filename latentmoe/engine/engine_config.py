@@ -22,7 +22,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: the model's max_position_embeddings
-    # kernels: "auto" (Triton on CUDA, torch on CPU), "triton", "torch"
+    # kernels: "auto" (Triton on CUDA; on CPU the Numba MLA decode, torch references for the rest), "triton",
+    # "numba", "torch" (the references everywhere)
     kernels: str = "auto"
     prefill_mla: str = "naive"  # "naive" (materialised K/V) or "absorbed"
     seed: int = 0  # for unseeded sampled requests
@@ -63,8 +64,8 @@ class EngineConfig:
             raise ValueError(f"cache_memory_fraction must be in (0, 1], got {self.cache_memory_fraction}")
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
-        if self.kernels not in ("auto", "triton", "torch"):
-            raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {self.kernels!r}")
+        if self.kernels not in ("auto", "triton", "numba", "torch"):
+            raise ValueError(f"kernels must be 'auto', 'triton', 'numba' or 'torch', got {self.kernels!r}")
         if isinstance(self.padded_dispatch_tokens, bool) or not isinstance(self.padded_dispatch_tokens, int) or \
                 self.padded_dispatch_tokens < 0:
             raise ValueError(f"padded_dispatch_tokens must be a non-negative integer, got "

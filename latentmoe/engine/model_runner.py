@@ -83,12 +83,12 @@ class ModelRunner:
     """Holds the model (or its attention side) and the latent cache of one engine or attention shard."""
 
     def __init__(self, model: DeepseekV2ForCausalLM, cache: LatentCache, *, prefill_absorbed: bool = False,
-                 use_triton: bool = False):
+                 kernels: str = "torch"):
         self.model, self.cache = model, cache
         self.config = model.config
         self.prefill_absorbed = prefill_absorbed
         self.device = cache.kv.device
-        set_kernels(model, use_triton)
+        set_kernels(model, kernels)  # a family: kernels.kernel_family's answer
 
     @torch.no_grad()
     def execute(self, chunks, routed_fn: RoutedFn | None = None) -> torch.Tensor:

@@ -2,10 +2,10 @@
 
 ``latentmoe.kernels.mla_decode`` and ``latentmoe.kernels.fused_moe`` each hold a Triton
 kernel and its launcher (named like the module), and re-export its reference (``*_ref``),
-which lives in ``latentmoe.kernels.reference`` (no triton import) and is also the CPU
-default. ``use_triton(setting, device)`` says which the engine runs; ``set_kernels(model,
-triton)`` puts them on a model, in one pass. The launchers' modules import triton; this
-package and ``reference`` do not.
+which lives in ``latentmoe.kernels.reference`` (no triton import). ``latentmoe.kernels.cpu``
+holds the CPU's MLA decode (Numba, over the paged cache in place). ``kernel_family(setting,
+device)`` says which the engine runs; ``set_kernels(model, family)`` puts them on a model, in
+one pass. The launchers' modules import triton or numba; this package and ``reference`` do not.
 """
 
 from __future__ import annotations
@@ -15,36 +15,57 @@ import os
 import torch
 
 
-def use_triton(setting: str, device: torch.device | str) -> bool:
-    """``"auto"``: Triton on CUDA devices, torch references elsewhere; ``"triton"`` / ``"torch"`` force one.
+KERNEL_SETTINGS = ("auto", "triton", "numba", "torch")
 
-    Forcing Triton on the CPU needs ``TRITON_INTERPRET=1`` in the environment (the interpreter is slow:
-    tests only).
-    """
-    device = torch.device(device)
-    if setting == "torch":
+
+def numba_available() -> bool:
+    try:
+        import numba  # noqa: F401
+    except ImportError:
         return False
-    if setting == "auto":
-        return device.type == "cuda"
-    if setting != "triton":
-        raise ValueError(f"kernels must be 'auto', 'triton' or 'torch', got {setting!r}")
-    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("kernels='triton' on the CPU needs TRITON_INTERPRET=1 set before triton is imported")
     return True
 
 
-def set_kernels(model: torch.nn.Module, triton: bool) -> None:
-    """Set every layer's MLA decode and routed-expert implementations: the Triton launchers or the torch references.
+def kernel_family(setting: str, device: torch.device | str) -> str:
+    """The kernels an engine runs: ``"triton"``, ``"numba"`` or ``"torch"`` (the references).
+
+    ``"auto"``: Triton on CUDA devices; on the CPU, the Numba MLA decode when numba is installed (a dependency of
+    the package; a GPU machine's own Python may lack it), else the references. Forcing Triton on the CPU needs
+    ``TRITON_INTERPRET=1`` in the environment (the interpreter is slow: tests only).
+    """
+    device = torch.device(device)
+    if setting not in KERNEL_SETTINGS:
+        raise ValueError(f"kernels must be one of {', '.join(map(repr, KERNEL_SETTINGS))}, got {setting!r}")
+    if setting == "auto":
+        if device.type == "cuda":
+            return "triton"
+        return "numba" if device.type == "cpu" and numba_available() else "torch"
+    if setting == "numba":
+        if device.type != "cpu":
+            raise ValueError(f"kernels='numba' runs on the CPU only, not on {device.type}")
+        if not numba_available():
+            raise ValueError("kernels='numba' needs numba installed (pip install numba)")
+    if setting == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("kernels='triton' on the CPU needs TRITON_INTERPRET=1 set before triton is imported")
+    return setting
+
+
+def set_kernels(model: torch.nn.Module, family: str) -> None:
+    """Set every layer's MLA decode and routed-expert implementations for ``family`` (``kernel_family``'s answer).
 
     The one place kernels are chosen (engines, attention and expert shards all call it). Layers whose
     parts are not materialised (an expert shard's attention) get them too; they are never called.
     """
-    if triton:
+    from latentmoe.kernels.reference import fused_moe_ref as moe_impl
+    from latentmoe.kernels.reference import mla_decode_ref as decode_impl
+
+    if family == "triton":
         from latentmoe.kernels.fused_moe import fused_moe as moe_impl
         from latentmoe.kernels.mla_decode import mla_decode as decode_impl
-    else:
-        from latentmoe.kernels.reference import fused_moe_ref as moe_impl
-        from latentmoe.kernels.reference import mla_decode_ref as decode_impl
+    elif family == "numba":
+        from latentmoe.kernels.cpu import mla_decode_cpu as decode_impl
+    elif family != "torch":
+        raise ValueError(f"unknown kernel family {family!r}")
     for layer in model.model.layers:
         layer.self_attn.decode_impl = decode_impl
         if layer.is_moe:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from latentmoe import LLM, SamplingParams
-from latentmoe.kernels import use_triton
+from latentmoe.kernels import kernel_family, numba_available
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # Triton compiles only for a GPU; on a CPU it is interpreted
 
@@ -28,8 +28,25 @@ def test_kernels_give_the_reference_tokens(tiny_dir, setup):
     assert [o.token_ids for o in kernels.generate(prompts, params)] == expected
 
 
+@pytest.mark.skipif(not numba_available(), reason="the CPU kernels need numba (a GPU machine's own Python may lack it)")
+def test_cpu_kernels_give_the_reference_tokens(tiny_dir):
+    """The engine's CPU default (the Numba MLA decode) against the torch references, prefill chunked so that decode
+    runs over several blocks and a batch of sequences of different lengths."""
+    rng = random.Random(6)
+    prompts = [[rng.randrange(2, 1024) for _ in range(n)] for n in (1, 37, 5, 70, 130)]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3)
+    reference = LLM(model=str(tiny_dir), kernels="torch", block_size=16)
+    cpu = LLM(model=str(tiny_dir), block_size=16)  # kernels="auto"
+    assert {layer.self_attn.decode_impl.__name__ for layer in cpu.engine.model.model.layers} == {"mla_decode_cpu"}
+    ref_outs, cpu_outs = reference.generate(prompts, params), cpu.generate(prompts, params)
+    assert [o.token_ids for o in cpu_outs] == [o.token_ids for o in ref_outs]
+    for ours, theirs in zip(cpu_outs, ref_outs):  # every step's top logprobs, to float32 rounding
+        for a, b in zip(ours.outputs[0].logprobs, theirs.outputs[0].logprobs, strict=True):
+            assert a.keys() == b.keys() and all(abs(a[t] - b[t]) < 1e-4 for t in a)
+
+
 def test_kernel_setting():
-    assert use_triton("auto", "cpu") is False and use_triton("torch", "cuda") is False
-    assert use_triton("auto", "cuda") is True
+    assert kernel_family("auto", "cuda") == "triton" and kernel_family("torch", "cuda") == "torch"
+    assert kernel_family("auto", "cpu") == ("numba" if numba_available() else "torch")
     with pytest.raises(ValueError, match="kernels must be"):
-        use_triton("cuda", "cpu")
+        kernel_family("cuda", "cpu")

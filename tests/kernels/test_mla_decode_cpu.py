@@ -1,0 +1,74 @@
+"""MLA decode on the CPU (Numba, over the paged cache in place) against attention computed sequence by sequence,
+and against ``mla_decode_ref``."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("numba", reason="the CPU kernels need numba (a dependency; a GPU machine's own Python may lack it)")
+
+from latentmoe.kernels import kernel_family  # noqa: E402
+from latentmoe.kernels.cpu import mla_decode_cpu  # noqa: E402
+from latentmoe.kernels.reference import mla_decode_ref  # noqa: E402
+from tests.kernels.test_mla_decode import CASES, make_inputs  # noqa: E402
+
+
+def one_by_one(q_nope, q_pe, kv_cache, block_tables, seq_lens, scale):
+    """Each sequence's latents picked out row by row, softmax over them: no paging, no padding."""
+    R, S = q_nope.shape[-1], kv_cache.shape[1]
+    out = []
+    for b, n in enumerate(seq_lens.tolist()):
+        latents = torch.stack([kv_cache[int(block_tables[b, t // S]), t % S] for t in range(n)]).double()
+        probs = torch.softmax((q_nope[b].double() @ latents[:, :R].T + q_pe[b].double() @ latents[:, R:].T) * scale,
+                              dim=-1)
+        out.append(probs @ latents[:, :R])
+    return torch.stack(out).float()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_attention_sequence_by_sequence(case, threads, monkeypatch):
+    seq_lens, H, R, P, S, _, scale = CASES[case]
+    q_nope, q_pe, kv_cache, block_tables, lens = make_inputs(seq_lens * 3, heads=H, rank=R, rope=P, block_size=S,
+                                                             dtype=torch.float32, seed=len(case), device="cpu")
+    for b, n in enumerate(lens.tolist()):  # unused slots of each last block: never read
+        kv_cache[block_tables[b, (n - 1) // S], (n - 1) % S + 1:] = float("nan")
+    scale = scale or (R + P) ** -0.5
+    monkeypatch.setattr("latentmoe.kernels.cpu.MIN_SEQS_PER_THREAD", 1)  # several threads even for small batches
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = mla_decode_cpu(q_nope, q_pe, kv_cache, block_tables, lens, scale)
+    finally:
+        torch.set_num_threads(previous)
+    assert out.dtype == torch.float32 and out.shape == (len(lens), H, R)
+    torch.testing.assert_close(out, one_by_one(q_nope, q_pe, kv_cache, block_tables, lens, scale),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, mla_decode_ref(q_nope, q_pe, kv_cache, block_tables, lens, scale),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_int64_tables_strided_queries_and_long_sequences():
+    q_nope, q_pe, kv_cache, block_tables, lens = make_inputs([700, 1, 64, 129], heads=4, rank=64, rope=16,
+                                                             block_size=64, dtype=torch.float32, seed=3, device="cpu")
+    q = torch.cat([q_nope, q_pe], dim=-1)
+    q_nope, q_pe = q[..., :64], q[..., 64:]  # views of one tensor, as the model passes them
+    out = mla_decode_cpu(q_nope, q_pe, kv_cache, block_tables.long(), lens.long(), 0.1)
+    torch.testing.assert_close(out, one_by_one(q_nope, q_pe, kv_cache, block_tables, lens, 0.1), atol=1e-5, rtol=1e-5)
+
+
+def test_other_dtypes_and_empty_batches_take_the_reference():
+    q_nope, q_pe, kv_cache, block_tables, lens = make_inputs([5, 9], heads=2, rank=32, rope=8, block_size=4,
+                                                             dtype=torch.bfloat16, seed=4, device="cpu")
+    out = mla_decode_cpu(q_nope, q_pe, kv_cache, block_tables, lens, 0.2)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, mla_decode_ref(q_nope, q_pe, kv_cache, block_tables, lens, 0.2))
+    empty = mla_decode_cpu(q_nope[:0].float(), q_pe[:0].float(), kv_cache.float(), block_tables[:0], lens[:0], 0.2)
+    assert empty.shape == (0, 2, 32)
+
+
+def test_numba_setting():
+    assert kernel_family("auto", "cpu") == "numba" and kernel_family("numba", "cpu") == "numba"
+    with pytest.raises(ValueError, match="CPU only"):
+        kernel_family("numba", "cuda")
