@@ -3,9 +3,9 @@
 ``latentmoe.kernels.mla_decode`` and ``latentmoe.kernels.fused_moe`` each hold a Triton
 kernel and its launcher (named like the module), and re-export its reference (``*_ref``),
 which lives in ``latentmoe.kernels.reference`` (no triton import). ``latentmoe.kernels.cpu``
-holds the CPU's MLA decode (Numba, over the paged cache in place). ``kernel_family(setting,
-device)`` says which the engine runs; ``set_kernels(model, family)`` puts them on a model, in
-one pass. The launchers' modules import triton or numba; this package and ``reference`` do not.
+holds the CPU's (Numba): MLA decode over the paged cache in place, and small batches' routed
+experts. ``kernel_family(setting, device)`` says which the engine runs; ``set_kernels(model,
+family)`` puts them on a model, in one pass. The launchers' modules import triton or numba; this package and ``reference`` do not.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ def numba_available() -> bool:
 def kernel_family(setting: str, device: torch.device | str) -> str:
     """The kernels an engine runs: ``"triton"``, ``"numba"`` or ``"torch"`` (the references).
 
-    ``"auto"``: Triton on CUDA devices; on the CPU, the Numba MLA decode when numba is installed (a dependency of
+    ``"auto"``: Triton on CUDA devices; on the CPU, the Numba kernels when numba is installed (a dependency of
     the package; a GPU machine's own Python may lack it), else the references. Forcing Triton on the CPU needs
     ``TRITON_INTERPRET=1`` in the environment (the interpreter is slow: tests only).
     """
@@ -63,6 +63,7 @@ def set_kernels(model: torch.nn.Module, family: str) -> None:
         from latentmoe.kernels.fused_moe import fused_moe as moe_impl
         from latentmoe.kernels.mla_decode import mla_decode as decode_impl
     elif family == "numba":
+        from latentmoe.kernels.cpu import fused_moe_cpu as moe_impl
         from latentmoe.kernels.cpu import mla_decode_cpu as decode_impl
     elif family != "torch":
         raise ValueError(f"unknown kernel family {family!r}")

@@ -1,5 +1,5 @@
-"""MLA decode on the CPU (Numba, over the paged cache in place) against attention computed sequence by sequence,
-and against ``mla_decode_ref``."""
+"""The CPU kernels (Numba) against an independent computation: MLA decode against attention sequence by sequence,
+the routed experts against each token on its own; and against the torch references."""
 
 from __future__ import annotations
 
@@ -72,3 +72,59 @@ def test_numba_setting():
     assert kernel_family("auto", "cpu") == "numba" and kernel_family("numba", "cpu") == "numba"
     with pytest.raises(ValueError, match="CPU only"):
         kernel_family("numba", "cuda")
+
+
+def per_token(x, w13, w2, topk_ids, topk_weights):
+    """Each (token, slot) on its own, in float64: weight * down(silu(gate(x)) * up(x)), summed per token."""
+    inter = w2.shape[2]
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for t in range(x.shape[0]):
+        for e, w in zip(topk_ids[t].tolist(), topk_weights[t].tolist()):
+            if e < 0:
+                continue
+            h = w13[e].double() @ x[t].double()
+            out[t] += w * (w2[e].double() @ (torch.nn.functional.silu(h[:inter]) * h[inter:]))
+    return out.float()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("T,routing,sizes", [(1, "random", "small"), (5, "random", "small"),
+                                             (6, "skip_expert_1", "small"), (40, "random", "large"),
+                                             (9, "one_expert", "large"), (12, "mixed", "both"),
+                                             (3, "all_skipped", "none")])
+def test_experts_match_each_token_on_its_own(T, routing, sizes, threads, monkeypatch):
+    """Few rows per expert (the Numba kernel), many (torch's matmuls), and both in one call, on one thread and
+    two."""
+    from latentmoe.kernels.cpu import SMALL_EXPERT_ROWS, fused_moe_cpu
+    from latentmoe.kernels.reference import fused_moe_ref
+    from tests.kernels.test_fused_moe import make_inputs as moe_inputs
+
+    x, w13, w2, topk_ids, topk_weights = moe_inputs(T, 4, 6, 64, 48, dtype=torch.float32, seed=T, device="cpu",
+                                                    routing="random" if routing == "mixed" else routing)
+    if routing == "mixed":  # three slots of every token on expert 0, the fourth anywhere else
+        topk_ids[:, :3] = 0
+        topk_ids[:, 3] = torch.arange(T) % 5 + 1
+    counts = torch.bincount(topk_ids[topk_ids >= 0].flatten(), minlength=6)
+    small, large = bool(((counts > 0) & (counts <= SMALL_EXPERT_ROWS)).any()), bool((counts > SMALL_EXPERT_ROWS).any())
+    assert (small, large) == {"small": (True, False), "large": (False, True), "both": (True, True),
+                              "none": (False, False)}[sizes]
+    monkeypatch.setattr("latentmoe.kernels.cpu.MIN_SEQS_PER_THREAD", 1)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = fused_moe_cpu(x, w13, w2, topk_ids, topk_weights)
+    finally:
+        torch.set_num_threads(previous)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    torch.testing.assert_close(out, per_token(x, w13, w2, topk_ids, topk_weights), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out, fused_moe_ref(x, w13, w2, topk_ids, topk_weights), atol=1e-5, rtol=1e-5)
+
+
+def test_experts_in_bf16_take_the_reference():
+    from latentmoe.kernels.cpu import fused_moe_cpu
+    from latentmoe.kernels.reference import fused_moe_ref
+    from tests.kernels.test_fused_moe import make_inputs as moe_inputs
+
+    x, w13, w2, topk_ids, topk_weights = moe_inputs(5, 2, 4, 32, 16, dtype=torch.bfloat16, seed=1, device="cpu")
+    torch.testing.assert_close(fused_moe_cpu(x, w13, w2, topk_ids, topk_weights),
+                               fused_moe_ref(x, w13, w2, topk_ids, topk_weights))
