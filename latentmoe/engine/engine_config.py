@@ -22,8 +22,8 @@ class EngineConfig:
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None  # default: the model's max_position_embeddings
-    # kernels: "auto" (Triton on CUDA; on CPU the Numba MLA decode, torch references for the rest), "triton",
-    # "numba", "torch" (the references everywhere)
+    # kernels: "auto" (Triton on CUDA, Numba on CPU: latentmoe.kernels), "triton", "numba", "torch" (the
+    # references everywhere)
     kernels: str = "auto"
     prefill_mla: str = "naive"  # "naive" (materialised K/V) or "absorbed"
     seed: int = 0  # for unseeded sampled requests

@@ -5,11 +5,13 @@ kernel and its launcher (named like the module), and re-export its reference (``
 which lives in ``latentmoe.kernels.reference`` (no triton import). ``latentmoe.kernels.cpu``
 holds the CPU's (Numba): MLA decode over the paged cache in place, and small batches' routed
 experts. ``kernel_family(setting, device)`` says which the engine runs; ``set_kernels(model,
-family)`` puts them on a model, in one pass. The launchers' modules import triton or numba; this package and ``reference`` do not.
+family)`` puts them on a model, in one pass. The launchers' modules import triton or numba;
+this package and ``reference`` do not.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
@@ -19,11 +21,8 @@ KERNEL_SETTINGS = ("auto", "triton", "numba", "torch")
 
 
 def numba_available() -> bool:
-    try:
-        import numba  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether numba is installed (without importing it: ``latentmoe.kernels.cpu`` sets its cache first)."""
+    return importlib.util.find_spec("numba") is not None
 
 
 def kernel_family(setting: str, device: torch.device | str) -> str:
@@ -65,6 +64,9 @@ def set_kernels(model: torch.nn.Module, family: str) -> None:
     elif family == "numba":
         from latentmoe.kernels.cpu import fused_moe_cpu as moe_impl
         from latentmoe.kernels.cpu import mla_decode_cpu as decode_impl
+        from latentmoe.kernels.cpu import warm_up
+
+        warm_up()
     elif family != "torch":
         raise ValueError(f"unknown kernel family {family!r}")
     for layer in model.model.layers:

@@ -1,12 +1,11 @@
 """The CPU's kernels (Numba): MLA decode over the paged latent cache as it lies, and the routed experts of a
 small batch.
 
-**MLA decode.**
-The torch reference (``mla_decode_ref``) gathers every sequence's blocks into a padded copy, then reads that copy
-twice (scores, then the weighted sum). On the CPU that memory traffic is the cost: the copy alone was a quarter
-of a batch-16 decode step here. This kernel reads each block where it is, once for its scores and once more
-while it is still in cache for the weighted sum, with an online softmax per block (as the Triton kernel does on
-GPUs). Same contract as the reference; float32 only (other dtypes take the reference).
+**MLA decode.** The torch reference (``mla_decode_ref``) gathers every sequence's blocks into a padded copy,
+then reads that copy twice (scores, then the weighted sum). On the CPU that memory traffic is the cost: the copy
+alone was a quarter of a batch-16 decode step here. This kernel reads each block where it is, once for its
+scores and once more while it is still in cache for the weighted sum, with an online softmax per block (as the
+Triton kernel does on GPUs). Same contract as the reference.
 
 **Routed experts.** A decode step gives each expert a few rows (batch 16, top-4 of 16 experts: about 4), and a
 matmul of a few rows against an expert's weights is bound by reading the weights, which MKL's small-M path
@@ -15,23 +14,30 @@ the experts with at most ``SMALL_EXPERT_ROWS`` rows run here, all in one call (g
 weight row read once for all of the expert's rows); the others keep torch's matmuls, which win from about 16
 rows. Same contract as ``fused_moe_ref``.
 
-Numba compiles it to machine code on first use (cached next to this file where that is writable). The kernel
-holds no GIL: a batch is split across ``torch.get_num_threads()`` threads of our own (not Numba's parallel
-layer, whose default cannot take calls from two threads at once, as a shard's two micro-batch lanes make).
+Both are float32 only (other dtypes take the references). Numba compiles them to machine code once
+(``warm_up``, when an engine or shard sets its kernels), cached under ``$LATENTMOE_CACHE/numba``
+(``NUMBA_CACHE_DIR`` if set) for the next process. They hold no GIL: work is split across
+``torch.get_num_threads()`` threads of our own (not Numba's parallel layer, whose default cannot take calls
+from two threads at once, as a shard's two micro-batch lanes make).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import math
+import os
 import threading
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from numba import njit
 
 from latentmoe.kernels.reference import fused_moe_ref, mla_decode_ref
+from latentmoe.paths import cache_root
+
+# compiled kernels go under latentmoe's cache (read by numba at its import), not next to an installed package
+os.environ.setdefault("NUMBA_CACHE_DIR", str(cache_root() / "numba"))
+from numba import njit  # noqa: E402
 
 __all__ = ["fused_moe_cpu", "mla_decode_cpu"]
 
@@ -212,7 +218,8 @@ def fused_moe_cpu(
         if threads <= 1:
             _small_experts(*args, small.numpy(), *rest)
         else:
-            parts = [small[i::threads].numpy() for i in range(threads)]  # interleaved: similar rows per thread
+            # interleaved: similar rows per thread (contiguous copies: a strided array is another compilation)
+            parts = [small[i::threads].contiguous().numpy() for i in range(threads)]
             pool = _threads(threads - 1)
             futures = [pool.submit(_small_experts, *args, part, *rest) for part in parts[1:]]
             _small_experts(*args, parts[0], *rest)
@@ -226,3 +233,13 @@ def fused_moe_cpu(
     out = torch.zeros(T, D, dtype=torch.float32)
     out.index_add_(0, tokens, ys.mul_(topk_weights.reshape(-1)[order, None].float()))
     return out
+
+
+def warm_up() -> None:
+    """Compile both kernels for the argument types the engine passes (or load them from Numba's cache), so that
+    no step pays for it: a shard's first step would otherwise hold up its whole collective group for seconds."""
+    cache = torch.zeros(2, 2, 3)
+    tables, lens = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
+    mla_decode_cpu(torch.zeros(1, 1, 2), torch.zeros(1, 1, 1), cache, tables, lens, 1.0)
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    fused_moe_cpu(torch.zeros(1, 2), torch.zeros(1, 2, 2), torch.zeros(1, 2, 1), ids, torch.ones(1, 1))
