@@ -35,8 +35,8 @@ class Group:
 
     epoch: int
     members: tuple[Member, ...]
-    backend: str = "gloo"
-    rendezvous: object = None  # tcp://host:port (gloo) or an NCCL unique id
+    backend: str = "tcp"
+    rendezvous: object = None  # tcp://host:port (tcp, gloo) or an NCCL unique id
     # the expert placement in force for this epoch (``latentmoe.cluster.eplb.ReplicatedPlacement``): every member
     # switches to it at the same step boundary as to the group
     placement: object = None

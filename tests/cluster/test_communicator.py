@@ -1,5 +1,6 @@
-"""The communicators without Ray: gloo between real processes, the bytes each counts, and the per-peer
-offsets and counts ``NcclCommunicator`` hands NCCL, checked on the CPU against gloo's result."""
+"""The communicators without Ray: TCP and gloo between real processes, the bytes each counts, and the per-peer
+offsets and counts ``NcclCommunicator`` hands NCCL, checked on the CPU against the others' results; the TCP
+backend's failures (a peer that dies, hangs or disagrees) and sends both ways larger than a socket's buffer."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from latentmoe.cluster.communicator import (GlooCommunicator, PeerTransfer, Traffic, free_port, peer_transfers,
+from latentmoe.cluster.communicator import (PeerTransfer, Traffic, free_port, make_communicator, peer_transfers,
                                             transfer_traffic)
+
+BACKENDS = ["tcp", "gloo"]
 
 
 def run_ranks(worker, world: int, *args) -> dict:
@@ -24,8 +27,8 @@ def run_ranks(worker, world: int, *args) -> dict:
         return dict(results)
 
 
-def _all_to_all_worker(rank, world, address, results):
-    comm = GlooCommunicator(rank, world, address, timeout_s=120)
+def _all_to_all_worker(rank, world, address, results, backend):
+    comm = make_communicator(backend, rank, world, address, timeout_s=120)
     # rank r sends (r + 1) * dest rows to rank dest (rank 0 sends nothing to anyone): uneven and empty splits
     send_splits = [0 if rank == 0 else (rank + 1) * dest for dest in range(world)]
     send = torch.cat([torch.full((n, 2), float(10 * rank + dest)) for dest, n in enumerate(send_splits)])
@@ -35,9 +38,10 @@ def _all_to_all_worker(rank, world, address, results):
     comm.close()
 
 
-def test_gloo_all_to_all_uneven_splits():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_all_to_all_uneven_splits(backend):
     world = 3
-    results = run_ranks(_all_to_all_worker, world)
+    results = run_ranks(_all_to_all_worker, world, backend)
     for rank in range(world):
         expected_splits = [0 if src == 0 else (src + 1) * rank for src in range(world)]
         recv_splits, values = results[rank]
@@ -74,8 +78,8 @@ def send_rows(rank: int, splits: list[list[int]], shape: tuple, dtype: torch.dty
     return torch.randint(0, 250, (n, *shape), generator=gen).to(dtype)
 
 
-def _gloo_worker(rank, world, address, results, splits, shape, dtype):
-    comm = GlooCommunicator(rank, world, address, timeout_s=120)
+def _splits_worker(rank, world, address, results, splits, shape, dtype, backend):
+    comm = make_communicator(backend, rank, world, address, timeout_s=120)
     send_splits = splits[rank]
     recv_splits = comm.exchange_counts(send_splits)
     counts_traffic = comm.last_traffic
@@ -101,12 +105,14 @@ def nccl_all_to_all(sends: list[torch.Tensor], splits: list[list[int]]) -> list[
     return outs
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("world,shape,dtype", [
     (3, (3,), torch.float32), (4, (), torch.int64), (5, (2, 5), torch.uint8),  # uint8: the packed dispatch rows
+    (3, (4,), torch.bfloat16),
 ])
-def test_nccl_offsets_and_counts_match_gloo(world, shape, dtype):
+def test_nccl_offsets_and_counts_match_cpu_backends(world, shape, dtype, backend):
     splits = splits_matrix(world, seed=world)
-    gloo = run_ranks(_gloo_worker, world, splits, shape, dtype)
+    gloo = run_ranks(_splits_worker, world, splits, shape, dtype, backend)
     sends = [send_rows(rank, splits, shape, dtype) for rank in range(world)]
     nccl = nccl_all_to_all(sends, splits)
     elem = torch.empty(0, dtype=dtype).element_size()
@@ -115,7 +121,7 @@ def test_nccl_offsets_and_counts_match_gloo(world, shape, dtype):
         got = gloo[rank]
         assert got["recv_splits"] == [splits[src][rank] for src in range(world)]
         assert got["dtype"] == dtype and nccl[rank].tolist() == got["out"], rank
-        # the bytes gloo's communicator counted: every other rank's rows, from the splits alone ...
+        # the bytes the CPU communicator counted: every other rank's rows, from the splits alone ...
         expected = Traffic([0 if dst == rank else splits[rank][dst] * row_bytes for dst in range(world)],
                            [0 if src == rank else splits[src][rank] * row_bytes for src in range(world)])
         assert got["last"] == expected
@@ -147,13 +153,13 @@ def test_nccl_one_rank_group():
     comm.close()
 
 
-def _lanes_worker(rank, world, address, results):
+def _lanes_worker(rank, world, address, results, backend):
     """Two threads, each with its own lane, run their collectives at different paces: each matches only its own."""
     import random
     import threading
     import time
 
-    comm = GlooCommunicator(rank, world, address, timeout_s=120)
+    comm = make_communicator(backend, rank, world, address, timeout_s=120)
     lanes = [comm, comm.lane()]
     got = {}
 
@@ -175,9 +181,61 @@ def _lanes_worker(rank, world, address, results):
     comm.close()
 
 
-def test_gloo_lanes_are_independent():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lanes_are_independent(backend):
     world = 3
-    results = run_ranks(_lanes_worker, world)
+    results = run_ranks(_lanes_worker, world, backend)
     for rank in range(world):
         for lane in (0, 1):
             assert results[rank][lane] == [[[100 * lane + step, src] for src in range(world)] for step in range(6)]
+
+
+# --- the TCP backend's own cases -----------------------------------------------------------------------------------
+
+def _both_ways_worker(rank, world, address, results):
+    """Both ranks send the other 8 MB in one call, far over a socket's buffer: neither may wait on its send."""
+    comm = make_communicator("tcp", rank, world, address, timeout_s=120)
+    n = 2 * 1024 * 1024  # float32 elements per rank
+    send = torch.arange(2 * n, dtype=torch.float32) + rank * 1e7  # n to each rank, itself included (exact in fp32)
+    out = comm.all_to_all(send.view(2 * n, 1), [n, n], [n, n]).flatten()
+    results[rank] = (bool(torch.equal(out[:n], torch.arange(n, dtype=torch.float32) + rank * n)),
+                     bool(torch.equal(out[n:], torch.arange(n, dtype=torch.float32) + 1e7 + rank * n)))
+    comm.close()
+
+
+def test_tcp_sends_both_ways_larger_than_the_socket_buffers():
+    results = run_ranks(_both_ways_worker, 2)
+    assert results == {0: (True, True), 1: (True, True)}
+
+
+def _failing_peer_worker(rank, world, address, results, case):
+    import time
+
+    comm = make_communicator("tcp", rank, world, address, timeout_s=2 if case == "hangs" else 60)
+    comm.all_gather_ints([rank])  # the group works
+    if rank == 1:
+        if case == "dies":
+            comm.close()
+            return
+        if case == "hangs":
+            time.sleep(5)
+            return
+        comm.all_to_all(torch.zeros(3, 4), [3, 0], [0, 0])  # "disagrees": three rows where rank 0 expects two
+        time.sleep(1)
+        return
+    start = time.monotonic()
+    try:
+        comm.all_to_all(torch.zeros(0, 4), [0, 0], [0, 2] if case == "disagrees" else [0, 3])
+        results[rank] = ("no error", time.monotonic() - start)
+    except Exception as e:  # noqa: BLE001: the test looks at what it was
+        results[rank] = (f"{type(e).__name__}: {e}", time.monotonic() - start)
+    comm.close()
+
+
+@pytest.mark.parametrize("case,error", [("dies", "ConnectionError: rank 0: rank 1 closed its connection"),
+                                        ("hangs", "TimeoutError: rank 0: no exchange with ranks [1] in 2 s"),
+                                        ("disagrees", "RuntimeError: rank 0: rank 1 sent 48 bytes where 32 were")])
+def test_tcp_peer_that_dies_hangs_or_disagrees_fails_the_exchange(case, error):
+    message, seconds = run_ranks(_failing_peer_worker, 2, case)[0]
+    assert message.startswith(error), message
+    assert seconds < (4 if case == "hangs" else 2)  # a dead peer is seen at once, not at the timeout
