@@ -23,9 +23,11 @@ W world size, M rows sent (Σ over tokens of distinct shards reached), D hidden.
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -185,6 +187,14 @@ class AttentionDispatcher:
         assert expert_ranks == sorted(expert_ranks), f"expert ranks out of slot order: {expert_ranks}"
 
     def routed(self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor:
+        """The layer's exchange, there and back: the weighted sum of the routed experts ``[T, D]``."""
+        return self.dispatch(layer, h, topk_ids, topk_weights)()
+
+    def dispatch(self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """Send the layer's rows to the expert shards; returns the second half, which receives their partial
+        sums and adds them up. What the caller does in between (the shared experts) overlaps the experts' work:
+        the model's ``routed_fn`` on attention shards."""
         plan = self._plan(topk_ids, topk_weights, self.placement)
         W, T = self.comm.world_size, h.shape[0]
         send_counts = [0] * W
@@ -218,19 +228,28 @@ class AttentionDispatcher:
             self.comm.all_to_all(buf, [block if r in self.expert_ranks else 0 for r in range(W)], [0] * W)
             padding_bytes = (len(buf) - rows.shape[0]) * rows.shape[1]
         rows_bytes = self.comm.last_traffic.num_bytes
+        self.a2a_seconds += time.perf_counter() - start
+        K = topk_ids.shape[1]
+        hidden_bytes = h.shape[1] * h.element_size()
+        with self.lock:  # while the experts work
+            self.stats.record(layer, topk_ids, plan, bytes_per_row=2 * hidden_bytes + 2 * K * 4)  # + slots, weights
+            self.stats.a2a_counts_bytes += counts_bytes
+            self.stats.a2a_padding_bytes += padding_bytes
+        return functools.partial(self._combine, h, plan.token_index, send_counts, rows_bytes)
+
+    def _combine(self, h: torch.Tensor, token_index: torch.Tensor, send_counts: list[int],
+                 rows_bytes: int) -> torch.Tensor:
+        """The second half of ``dispatch``: the partial sums back, added up per token."""
+        W = self.comm.world_size
+        start = time.perf_counter()
         partial = self.comm.all_to_all(torch.empty(0, h.shape[1], dtype=h.dtype, device=h.device),
                                        [0] * W, send_counts)  # [M, D], same order as sent
         rows_bytes += self.comm.last_traffic.num_bytes
         self.a2a_seconds += time.perf_counter() - start
         routed = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        routed.index_add_(0, plan.token_index, partial.float())
-        K = topk_ids.shape[1]
-        hidden_bytes = h.shape[1] * h.element_size()
+        routed.index_add_(0, token_index, partial.float())
         with self.lock:
-            self.stats.record(layer, topk_ids, plan, bytes_per_row=2 * hidden_bytes + 2 * K * 4)  # + slots, weights
             self.stats.a2a_bytes += rows_bytes
-            self.stats.a2a_counts_bytes += counts_bytes
-            self.stats.a2a_padding_bytes += padding_bytes
         return routed.to(h.dtype)
 
 

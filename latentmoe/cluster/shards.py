@@ -211,7 +211,7 @@ class AttentionShard:
 
     def _routed(self, layer, h, topk_ids, topk_weights):
         assert self.dispatcher is not None, "attention shard stepped before its collective group was formed"
-        return self.dispatcher.routed(layer, h, topk_ids, topk_weights)
+        return self.dispatcher.dispatch(layer, h, topk_ids, topk_weights)
 
     def _execute(self, lanes: int, chunks: list) -> torch.Tensor:
         """The forward pass of the step's chunks, as ``lanes`` micro-batches (logits in the chunks' order)."""
@@ -221,7 +221,7 @@ class AttentionShard:
             if not parts[k]:  # nothing for this lane: it still joins every exchange
                 self._idle_lane(k)
                 return torch.empty(0, self.model_config.vocab_size, device=self.engine.device)
-            return self.engine.runner.execute(parts[k], self.dispatchers[k].routed)
+            return self.engine.runner.execute(parts[k], self.dispatchers[k].dispatch)
 
         return torch.cat(self._lanes.run(lane, lanes))
 

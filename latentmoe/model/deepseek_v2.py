@@ -30,8 +30,10 @@ from latentmoe.kernels.reference import fused_moe_ref, mla_decode_ref
 from latentmoe.model.config import ModelConfig
 from latentmoe.model.rope import RotaryEmbedding, apply_rope
 
-# routed_fn(layer_idx, h [T, D], topk_ids [T, K], topk_weights [T, K]) -> weighted sum of routed experts [T, D]
-RoutedFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# routed_fn(layer_idx, h [T, D], topk_ids [T, K], topk_weights [T, K]) -> weighted sum of routed experts [T, D],
+# or a callable that returns it: an exchange in flight (the cluster's dispatch), finished after the shared experts
+RoutedFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor],
+                    "torch.Tensor | Callable[[], torch.Tensor]"]
 # attend_fn(attn, q_nope [.., T, H, N], q_pe [.., T, H, P], c_kv [.., T, R], k_pe [.., T, P]) -> output [.., T, D]:
 # the attention of layer ``attn.layer_idx`` for these tokens (keys: these tokens' latents and any cached ones)
 AttendFn = Callable[["MLA", torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -227,11 +229,15 @@ class MoE(nn.Module):
         )
 
     def forward(self, h: torch.Tensor, routed_fn: Callable | None = None) -> torch.Tensor:
-        """``h [T, D]`` (normed); ``routed_fn(h, ids, weights)`` replaces the local routed experts."""
+        """``h [T, D]`` (normed); ``routed_fn(h, ids, weights)`` replaces the local routed experts. When it
+        returns a callable (the routed experts at work elsewhere), the shared experts run before it is called."""
         topk_weights, topk_ids = self.gate(h)
         routed = (routed_fn or self.experts)(h, topk_ids, topk_weights)
-        if self.shared_experts is not None:
-            routed = routed + self.shared_experts(h)
+        shared = self.shared_experts(h) if self.shared_experts is not None else None
+        if callable(routed):
+            routed = routed()
+        if shared is not None:
+            routed = routed + shared
         return routed.to(h.dtype)
 
 

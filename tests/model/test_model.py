@@ -143,6 +143,30 @@ def test_attention_plus_disjoint_expert_loads_equal_whole_model(tiny_dir):
     assert rel_err(attention(input_ids, routed_fn=routed), whole(input_ids)) < 1e-6
 
 
+def test_routed_fn_in_flight_overlaps_the_shared_experts(tiny_dir):
+    """A ``routed_fn`` that returns a callable (the cluster's exchange in flight): the shared experts run between
+    the send and the receive, and the logits equal the whole model's."""
+    whole = load_model(tiny_dir)
+    attention = load_model(tiny_dir, expert_ids=[])
+    events = []
+    for layer in attention.model.layers:
+        if layer.is_moe:
+            layer.mlp.shared_experts.register_forward_hook(lambda *_: events.append("shared"))
+
+    def routed(layer_idx, h, ids, weights):
+        events.append("send")
+
+        def receive():
+            events.append("receive")
+            return whole.model.layers[layer_idx].mlp.experts(h, ids, weights)
+        return receive
+
+    input_ids = torch.randint(0, 1024, (2, 12), generator=torch.Generator().manual_seed(7))
+    assert rel_err(attention(input_ids, routed_fn=routed), whole(input_ids)) < 1e-6
+    moe_layers = sum(layer.is_moe for layer in attention.model.layers)
+    assert moe_layers and events == ["send", "shared", "receive"] * moe_layers
+
+
 def test_published_configs_parse():
     from latentmoe.model.tiny import published_config
 
