@@ -65,7 +65,9 @@ def run_cluster(args, model, prompts, params, timed, micro_batches: int, padded_
             "attention_step": 1e3 * attention_s / steps,  # one attention shard's step loop, the slowest
             "attention_compute": 1e3 * (attention_s - a2a_s) / steps,
             "expert_compute": 1e3 * compute_s / steps,
-            "all_to_all": 1e3 * (a2a_s - compute_s) / steps,  # time in collectives less the experts waited for
+            # the attention shard in its exchanges: sending, receiving, and the experts' work that the shared experts
+            # (computed between the send and the receive) did not hide
+            "attention_waiting": 1e3 * a2a_s / steps,
             "expert_busy_fraction": compute_s / expert_s if expert_s else 0.0,
             "attention_busy_fraction": (attention_s - a2a_s) / attention_s if attention_s else 0.0,
         }
