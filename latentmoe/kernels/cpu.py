@@ -18,9 +18,10 @@ too: as a dozen small torch ops they took a third of a decode step's expert time
 
 Both are float32 only (other dtypes take the references). Numba compiles them to machine code once
 (``warm_up``, when an engine or shard sets its kernels), cached under ``$LATENTMOE_CACHE/numba``
-(``NUMBA_CACHE_DIR`` if set) for the next process. They hold no GIL: work is split across
+(``NUMBA_CACHE_DIR`` if set) for the next process. They hold no GIL. The MLA decode splits its batch across
 ``torch.get_num_threads()`` threads of our own (not Numba's parallel layer, whose default cannot take calls
-from two threads at once, as a shard's two micro-batch lanes make).
+from two threads at once, as a shard's two micro-batch lanes make); the routed experts run here on one torch
+thread only (a shard's), and take the reference with more (see ``fused_moe_cpu``).
 """
 
 from __future__ import annotations
@@ -150,8 +151,8 @@ def mla_decode_cpu(
 
 
 # experts with at most this many rows run in the Numba kernel. The whole routed-expert call at 16 experts of
-# hidden 512 / 256, top-4, one core (an ad hoc side-by-side): 8, 16, 32 rows per expert at most gave 3.75,
-# 5.82 | 3.41, 5.39 | 3.50, 5.19 ms at 32 | 64 tokens; the torch reference 3.90 and 5.55
+# hidden 512 / 256, top-4, one core (an ad hoc side-by-side): 8, 12, 16 rows per expert at most gave 3.92, 5.22 |
+# 3.79, 5.34 | 3.67, 5.34 ms at 32 | 64 tokens; the torch reference 4.08-4.63 and 5.26-5.60
 SMALL_EXPERT_ROWS = 16
 
 
@@ -209,16 +210,15 @@ def _rows_times(rows, n, w, out):  # pragma: no cover (compiled)
 
 @njit(fastmath=True, nogil=True, cache=True)
 def _small_experts(x, K, w13, w2, experts, starts, counts, pairs, ys):  # pragma: no cover (compiled)
-    """For each listed expert e, its pairs ``pairs[starts[e] : starts[e] + counts[e]]`` (token ``pair // K`` of
-    ``x [T, D]``) -> ``ys[pair]``: down(silu(gate(x)) * up(x)), w13 [E, 2I, D] (gate rows, then up rows),
-    w2 [E, D, I]."""
+    """For each listed expert e, its pairs ``j`` in ``starts[e] : starts[e] + counts[e]`` (token
+    ``pairs[j] // K`` of ``x [T, D]``) -> ``ys[j]``: down(silu(gate(x)) * up(x)), w13 [E, 2I, D] (gate rows,
+    then up rows), w2 [E, D, I]."""
     D = x.shape[1]
     two_i = w13.shape[1]
     inter = two_i // 2
     rows = np.empty((SMALL_EXPERT_ROWS, D), dtype=np.float32)
     h = np.empty((SMALL_EXPERT_ROWS, two_i), dtype=np.float32)
     act = np.empty((SMALL_EXPERT_ROWS, inter), dtype=np.float32)
-    y = np.empty((SMALL_EXPERT_ROWS, D), dtype=np.float32)
     for e in experts:
         first, n = starts[e], counts[e]
         for i in range(n):
@@ -228,19 +228,18 @@ def _small_experts(x, K, w13, w2, experts, starts, counts, pairs, ys):  # pragma
             for j in range(inter):
                 g = h[i, j]
                 act[i, j] = g / (np.float32(1.0) + math.exp(-g)) * h[i, inter + j]
-        _rows_times(act, n, w2[e], y)
-        for i in range(n):
-            ys[pairs[first + i]] = y[i]
+        _rows_times(act, n, w2[e], ys[first : first + n])
 
 
 @njit(nogil=True, cache=True)
 def _combine(ys, weights, pairs, T, K):  # pragma: no cover (compiled)
-    """``out [T, D]``: each token's computed pairs ``ys [T * K, D]``, weighted by ``weights [T * K]``, summed in
-    the order of ``pairs`` (grouped by expert)."""
+    """``out [T, D]``: row ``ys[j]`` (pair ``pairs[j]``) weighted by ``weights[pairs[j]]`` and added to its
+    token's row, in the order of ``pairs`` (grouped by expert)."""
     D = ys.shape[1]
     out = np.zeros((T, D), dtype=np.float32)
-    for p in pairs:
-        row, y, w = out[p // K], ys[p], weights[p]
+    for j in range(len(pairs)):
+        p = pairs[j]
+        row, y, w = out[p // K], ys[j], weights[p]
         for d in range(D):
             row[d] += y[d] * w
     return out
@@ -254,9 +253,14 @@ def fused_moe_cpu(
     topk_weights: torch.Tensor,  # [T, K]
 ) -> torch.Tensor:  # [T, D]
     """``fused_moe_ref``'s contract: grouping, experts with few rows and the weighted sum in Numba, the other
-    experts with torch's matmuls (float32 on the CPU; anything else goes to the reference)."""
+    experts with torch's matmuls (float32 on the CPU, one torch thread; anything else goes to the reference).
+
+    With more torch threads the reference runs: MKL threads each matmul, and the single-process engine with
+    two threads here made 552 and 527 tok/s with this kernel against 616 and 607 with the reference (16
+    prompts, 128 in / 64 out, the bench checkpoint; 875 / 900 against 960 / 989 at 64), the Numba MLA decode
+    in both. On one thread (a shard's) the kernel wins: 2.85 against 3.15-3.40 ms per layer at 16 tokens."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or w13.dtype != torch.float32
-            or not (w13.is_contiguous() and w2.is_contiguous())):
+            or not (w13.is_contiguous() and w2.is_contiguous()) or torch.get_num_threads() > 1):
         return fused_moe_ref(x, w13, w2, topk_ids, topk_weights)
     T, D = x.shape
     E, two_i, _ = w13.shape
@@ -265,30 +269,18 @@ def fused_moe_cpu(
     K = topk_ids.shape[1]
     x_np = x.detach().contiguous().numpy()
     counts, starts, pairs = _group_pairs(topk_ids.detach().to(torch.int64).contiguous().numpy(), E)
-    ys = np.empty((T * K, D), dtype=np.float32)  # row t * K + k: token t through its k-th expert
+    ys = np.empty((len(pairs), D), dtype=np.float32)  # row j: the token of pairs[j] through its expert
     small = np.flatnonzero((counts > 0) & (counts <= SMALL_EXPERT_ROWS))
     if len(small):
-        args = (x_np, K, w13.detach().numpy(), w2.detach().numpy())
-        rest = (starts, counts, pairs, ys)
-        threads = min(torch.get_num_threads(), len(small) // MIN_SEQS_PER_THREAD)
-        if threads <= 1:
-            _small_experts(*args, small, *rest)
-        else:
-            # interleaved: similar rows per thread (contiguous copies: a strided array is another compilation)
-            parts = [np.ascontiguousarray(small[i::threads]) for i in range(threads)]
-            pool = _threads(threads - 1)
-            futures = [pool.submit(_small_experts, *args, part, *rest) for part in parts[1:]]
-            _small_experts(*args, parts[0], *rest)
-            for future in futures:
-                future.result()
+        _small_experts(x_np, K, w13.detach().numpy(), w2.detach().numpy(), small, starts, counts, pairs, ys)
     large = np.flatnonzero(counts > SMALL_EXPERT_ROWS)
     if len(large):
-        ys_t = torch.from_numpy(ys)
+        xs, ys_t = x[torch.from_numpy(pairs) // K], torch.from_numpy(ys)  # [P, D]: every pair's row, in one gather
         for e in large.tolist():
-            mine = torch.from_numpy(pairs[starts[e] : starts[e] + counts[e]])
-            h = F.linear(x[mine // K], w13[e])  # [n, 2I]
+            first, n = int(starts[e]), int(counts[e])
+            h = F.linear(xs[first : first + n], w13[e])  # [n, 2I]
             act = F.silu(h[:, :inter], inplace=True).mul_(h[:, inter:])  # [n, I]
-            ys_t[mine] = torch.mm(act, w2[e].t())
+            torch.mm(act, w2[e].t(), out=ys_t[first : first + n])
     weights = topk_weights.detach().to(torch.float32).reshape(-1).contiguous().numpy()
     return torch.from_numpy(_combine(ys, weights, pairs, T, K))
 

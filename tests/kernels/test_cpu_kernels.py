@@ -97,9 +97,9 @@ def per_token(x, w13, w2, topk_ids, topk_weights):
     (4, "one_expert", "small", (64, 48)),  # 16 rows on one expert: SMALL_EXPERT_ROWS, the kernel's scratch
     (7, "random", "small", (30, 21)), (11, "mixed", "both", (30, 21)),  # widths past the blocks of four
 ])
-def test_experts_match_each_token_on_its_own(T, routing, sizes, dims, threads, monkeypatch):
-    """Few rows per expert (the Numba kernel), many (torch's matmuls), and both in one call, on one thread and
-    two."""
+def test_experts_match_each_token_on_its_own(T, routing, sizes, dims, threads):
+    """Few rows per expert (the Numba kernel), many (torch's matmuls), and both in one call, on one thread (and on
+    two, where the reference runs)."""
     from latentmoe.kernels.cpu import SMALL_EXPERT_ROWS, fused_moe_cpu
     from latentmoe.kernels.reference import fused_moe_ref
     from tests.kernels.test_fused_moe import make_inputs as moe_inputs
@@ -113,7 +113,6 @@ def test_experts_match_each_token_on_its_own(T, routing, sizes, dims, threads, m
     small, large = bool(((counts > 0) & (counts <= SMALL_EXPERT_ROWS)).any()), bool((counts > SMALL_EXPERT_ROWS).any())
     assert (small, large) == {"small": (True, False), "large": (False, True), "both": (True, True),
                               "none": (False, False)}[sizes]
-    monkeypatch.setattr("latentmoe.kernels.cpu.MIN_SEQS_PER_THREAD", 1)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

@@ -29,16 +29,23 @@ def test_kernels_give_the_reference_tokens(tiny_dir, setup):
 
 
 @pytest.mark.skipif(not numba_available(), reason="the CPU kernels need numba (a GPU machine's own Python may lack it)")
-def test_cpu_kernels_give_the_reference_tokens(tiny_dir):
-    """The engine's CPU default (the Numba MLA decode) against the torch references, prefill chunked so that decode
-    runs over several blocks and a batch of sequences of different lengths."""
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_kernels_give_the_reference_tokens(tiny_dir, threads):
+    """The engine's CPU default (the Numba MLA decode, and on one thread, a shard's, the Numba routed experts)
+    against the torch references, prefill chunked so that decode runs over several blocks and a batch of sequences
+    of different lengths."""
     rng = random.Random(6)
     prompts = [[rng.randrange(2, 1024) for _ in range(n)] for n in (1, 37, 5, 70, 130)]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=3)
     reference = LLM(model=str(tiny_dir), kernels="torch", block_size=16)
     cpu = LLM(model=str(tiny_dir), block_size=16)  # kernels="auto"
     assert {layer.self_attn.decode_impl.__name__ for layer in cpu.engine.model.model.layers} == {"mla_decode_cpu"}
-    ref_outs, cpu_outs = reference.generate(prompts, params), cpu.generate(prompts, params)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        ref_outs, cpu_outs = reference.generate(prompts, params), cpu.generate(prompts, params)
+    finally:
+        torch.set_num_threads(previous)
     assert [o.token_ids for o in cpu_outs] == [o.token_ids for o in ref_outs]
     for ours, theirs in zip(cpu_outs, ref_outs):  # every step's top logprobs, to float32 rounding
         for a, b in zip(ours.outputs[0].logprobs, theirs.outputs[0].logprobs, strict=True):
