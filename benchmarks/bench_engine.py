@@ -43,8 +43,11 @@ def main() -> None:
     ap.add_argument("--vllm-venv", default="/work/vllm-venv")
     ap.add_argument("--repeats", type=int, default=1, help="runs of each engine, alternating; the median counts")
     ap.add_argument("--kernels", default="auto", help="comma-separated EngineConfig.kernels settings of ours")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of ours (default: torch's own choice)")
     ap.add_argument("--out", default="results/bench_engine.json")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     from latentmoe import LLM, SamplingParams
     sys.path.insert(0, str(Path(__file__).resolve().parent))
