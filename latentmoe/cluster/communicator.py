@@ -237,21 +237,27 @@ class TcpCommunicator(Communicator):
         self._store = _store or dist.TCPStore(host, int(port), world_size, is_master=rank == 0, timeout=timeout,
                                               wait_for_workers=False)
         self._peers: dict[int, socket.socket] = {}
-        with socket.create_server((_local_ip(host), 0)) as server:
-            server.settimeout(timeout_s)
-            ip, my_port = server.getsockname()[:2]
-            self._store.set(f"lane{_lane}/{rank}", f"{ip}:{my_port}")
-            for peer in range(rank):  # a rank dials the ranks below it and answers those above
-                peer_ip, peer_port = self._store.get(f"lane{_lane}/{peer}").decode().rsplit(":", 1)
-                conn = socket.create_connection((peer_ip, int(peer_port)), timeout=timeout_s)
-                conn.sendall(rank.to_bytes(8, "little"))
-                self._peers[peer] = conn
-            for _ in range(rank + 1, world_size):
-                conn, _ = server.accept()
-                conn.settimeout(timeout_s)
-                peer = int.from_bytes(_recv_exactly(conn, 8), "little")
-                assert rank < peer < world_size and peer not in self._peers, f"rank {rank}: bad hello {peer}"
-                self._peers[peer] = conn
+        try:
+            with socket.create_server((_local_ip(host), 0)) as server:
+                server.settimeout(timeout_s)
+                ip, my_port = server.getsockname()[:2]
+                self._store.set(f"lane{_lane}/{rank}", f"{ip}:{my_port}")
+                for peer in range(rank):  # a rank dials the ranks below it and answers those above
+                    peer_ip, peer_port = self._store.get(f"lane{_lane}/{peer}").decode().rsplit(":", 1)
+                    conn = socket.create_connection((peer_ip, int(peer_port)), timeout=timeout_s)
+                    conn.sendall(rank.to_bytes(8, "little"))
+                    self._peers[peer] = conn
+                for _ in range(rank + 1, world_size):
+                    conn, _ = server.accept()
+                    conn.settimeout(timeout_s)
+                    peer = int.from_bytes(_recv_exactly(conn, 8), "little")
+                    if not rank < peer < world_size or peer in self._peers:
+                        conn.close()
+                        raise ConnectionError(f"rank {rank}: a connection that says it is rank {peer} of {world_size}")
+                    self._peers[peer] = conn
+        except BaseException:
+            self.close()  # the connections made so far
+            raise
         for conn in self._peers.values():
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             conn.setblocking(False)
