@@ -239,3 +239,15 @@ def test_tcp_peer_that_dies_hangs_or_disagrees_fails_the_exchange(case, error):
     message, seconds = run_ranks(_failing_peer_worker, 2, case)[0]
     assert message.startswith(error), message
     assert seconds < (4 if case == "hangs" else 2)  # a dead peer is seen at once, not at the timeout
+
+
+def test_backend_for_devices_and_the_cpu_setting(monkeypatch):
+    from latentmoe.cluster.communicator import backend_for
+
+    monkeypatch.delenv("LATENTMOE_CPU_COLLECTIVES", raising=False)
+    assert backend_for("cpu") == "tcp" and backend_for("cuda") == "nccl" and backend_for("cuda:1") == "nccl"
+    monkeypatch.setenv("LATENTMOE_CPU_COLLECTIVES", "gloo")
+    assert backend_for("cpu") == "gloo" and backend_for("cuda") == "nccl"
+    monkeypatch.setenv("LATENTMOE_CPU_COLLECTIVES", "mpi")
+    with pytest.raises(ValueError, match="LATENTMOE_CPU_COLLECTIVES='mpi': 'tcp' or 'gloo'"):
+        backend_for("cpu")
