@@ -155,7 +155,8 @@ def read_count(block: torch.Tensor) -> int:
 
 
 class AttentionDispatcher:
-    """The attention side of the exchange; ``routed(layer, h, ids, weights)`` is the model's ``routed_fn``.
+    """The attention side of the exchange; ``dispatch(layer, h, ids, weights)`` is the model's ``routed_fn`` (the
+    exchange in flight), ``routed`` the same there and back in one call.
 
     ``placement``: an ``ExpertPlacement``, or a ``ReplicatedPlacement`` (``latentmoe.cluster.eplb``), whose copies
     of hot experts a token uses on the shards it visits anyway. The dispatchers of one shard's micro-batches (one
