@@ -142,7 +142,9 @@ def test_a_burst_adds_a_shard_and_a_node_and_both_go_after_it(server, tiny_dir):
 def test_a_second_expert_shard_brings_its_node_and_both_go_after_it(server, tiny_dir):
     """`scale_experts(2)`: the new shard's resource request makes Ray's autoscaler launch a second expert node, the
     shard starts there with its slice, then one switch, with streams in flight (started once the node is up);
-    every reply unchanged. Back to 1 under streams: the shard stops and Ray removes its idle node."""
+    every reply unchanged. Back to 1 under streams: the shard stops and Ray removes its idle node. The streams go on
+    one after another until each change is over (a shard's start took 10 s in one run: streams started once the
+    node was up had all ended by then)."""
     c = server["cluster"]
     reference = LLM(model=str(tiny_dir))
     prompts = [[5 + i, 6, 7, 8 + i] for i in range(4)]
@@ -154,18 +156,29 @@ def test_a_second_expert_shard_brings_its_node_and_both_go_after_it(server, tiny
         if num_expert == 2:  # Ray's autoscaler launches the node for the new shard; the streams start then
             change = coordinator.scale_experts.remote(num_expert)
             node_s = wait_for(lambda: len(c.alive_nodes(EXPERT_RESOURCE)) == 2, 240, "a second expert node")
-        started = threading.Event()
+        started, changed = threading.Event(), threading.Event()
+        spans = []  # (start, end) of every stream
+
+        def keep_streaming(prompt, want):  # one stream after another until the change is over
+            while not changed.is_set():
+                begin = time.monotonic()
+                assert stream(server, prompt, 600, started) == want
+                spans.append((begin, time.monotonic()))
+
         with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-            streams = [pool.submit(stream, server, p, 600, started) for p in prompts]
+            workers = [pool.submit(keep_streaming, p, want) for p, want in zip(prompts, expected)]
             assert started.wait(60)
             if num_expert == 1:
                 change = coordinator.scale_experts.remote(num_expert)
             report = ray.get(change, timeout=400)
             changed_at = time.monotonic()
-            in_flight = sum(not f.done() for f in streams)
-            assert [f.result(timeout=300) for f in streams] == expected
-        print(f"\n{report['expert_shards_before']} -> {num_expert} expert shards ({in_flight} of {len(prompts)} "
-              f"streams in flight after it): {report}")
+            changed.set()
+            for worker in workers:
+                worker.result(timeout=300)  # every stream's reply equal to its prompt's alone
+        # the streams that were running when the change returned (its switch is its last step)
+        in_flight = sum(begin < changed_at < end for begin, end in spans)
+        print(f"\n{report['expert_shards_before']} -> {num_expert} expert shards ({len(spans)} streams, {in_flight} "
+              f"running when it returned): {report}")
         after = health(server)
         assert report["changed"] and after["expert_shards"] == num_expert, report
         # no fault on the way (Serve may add an attention shard for the streams meanwhile: another epoch)
