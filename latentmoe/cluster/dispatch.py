@@ -230,17 +230,13 @@ class AttentionDispatcher:
             padding_bytes = (len(buf) - rows.shape[0]) * rows.shape[1]
         rows_bytes = self.comm.last_traffic.num_bytes
         self.a2a_seconds += time.perf_counter() - start
-        K = topk_ids.shape[1]
-        hidden_bytes = h.shape[1] * h.element_size()
-        with self.lock:  # while the experts work
-            self.stats.record(layer, topk_ids, plan, bytes_per_row=2 * hidden_bytes + 2 * K * 4)  # + slots, weights
-            self.stats.a2a_counts_bytes += counts_bytes
-            self.stats.a2a_padding_bytes += padding_bytes
-        return functools.partial(self._combine, h, plan.token_index, send_counts, rows_bytes)
+        return functools.partial(self._combine, layer, h, topk_ids, plan, send_counts, rows_bytes, counts_bytes,
+                                 padding_bytes)
 
-    def _combine(self, h: torch.Tensor, token_index: torch.Tensor, send_counts: list[int],
-                 rows_bytes: int) -> torch.Tensor:
-        """The second half of ``dispatch``: the partial sums back, added up per token."""
+    def _combine(self, layer: int, h: torch.Tensor, topk_ids: torch.Tensor, plan, send_counts: list[int],
+                 rows_bytes: int, counts_bytes: int, padding_bytes: int) -> torch.Tensor:
+        """The second half of ``dispatch``: the partial sums back, added up per token; then the layer's statistics,
+        all in one update (a reader sees every layer whole: bytes moved = ideal + padding)."""
         W = self.comm.world_size
         start = time.perf_counter()
         partial = self.comm.all_to_all(torch.empty(0, h.shape[1], dtype=h.dtype, device=h.device),
@@ -248,9 +244,14 @@ class AttentionDispatcher:
         rows_bytes += self.comm.last_traffic.num_bytes
         self.a2a_seconds += time.perf_counter() - start
         routed = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        routed.index_add_(0, token_index, partial.float())
+        routed.index_add_(0, plan.token_index, partial.float())
+        K = topk_ids.shape[1]
+        hidden_bytes = h.shape[1] * h.element_size()
         with self.lock:
+            self.stats.record(layer, topk_ids, plan, bytes_per_row=2 * hidden_bytes + 2 * K * 4)  # + slots, weights
             self.stats.a2a_bytes += rows_bytes
+            self.stats.a2a_counts_bytes += counts_bytes
+            self.stats.a2a_padding_bytes += padding_bytes
         return routed.to(h.dtype)
 
 
