@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import selectors
 import socket
 import time
 from abc import ABC, abstractmethod
@@ -87,6 +88,17 @@ def transfer_traffic(rank: int, world_size: int, sends: list[PeerTransfer], recv
         if t.peer != rank:
             traffic.received[t.peer] += t.count * element_size
     return traffic
+
+
+def keep_own_rows(rank: int, sends: list[PeerTransfer], recvs: list[PeerTransfer], flat_send: torch.Tensor,
+                  flat_out: torch.Tensor) -> None:
+    """A point-to-point backend's rows for its own rank: copied from ``flat_send`` into their place in
+    ``flat_out`` (they never leave the rank)."""
+    own = [t for t in recvs if t.peer == rank]
+    for t in sends:
+        if t.peer == rank:
+            assert own and own[0].count == t.count, f"rank {rank} sends itself {t.count} elements"
+            flat_out[own[0].offset : own[0].offset + t.count] = flat_send[t.offset : t.offset + t.count]
 
 
 class Communicator(ABC):
@@ -191,11 +203,7 @@ class GlooCommunicator(Communicator):
         for t in sends:
             if t.peer != self.rank:
                 works.append(self._dist.isend(flat_send[t.offset : t.offset + t.count], t.peer, group=self._group))
-        own = [t for t in recvs if t.peer == self.rank]
-        for t in sends:  # a rank's rows for itself stay put
-            if t.peer == self.rank:
-                assert own and own[0].count == t.count, f"rank {self.rank} sends itself {t.count} elements"
-                flat_out[own[0].offset : own[0].offset + t.count] = flat_send[t.offset : t.offset + t.count]
+        keep_own_rows(self.rank, sends, recvs, flat_send, flat_out)
         timeout = datetime.timedelta(seconds=self._timeout_s)
         for work in works:
             work.wait(timeout)
@@ -268,8 +276,6 @@ class TcpCommunicator(Communicator):
                                _lane=self._lane + 1)
 
     def _all_to_all(self, send, send_splits, recv_splits):
-        import selectors
-
         out = torch.empty((sum(recv_splits), *send.shape[1:]), dtype=send.dtype)
         row = _row_numel(send)
         sends, recvs = peer_transfers(send_splits, row), peer_transfers(recv_splits, row)
@@ -278,13 +284,10 @@ class TcpCommunicator(Communicator):
         out_bytes = memoryview(out.view(-1).view(torch.uint8).numpy()) if out.numel() else None
         writing: dict[socket.socket, list] = {}  # socket -> [memoryviews still to send]
         reading: dict[socket.socket, list] = {}  # socket -> [header buffer, got, payload view, got, peer]
+        keep_own_rows(self.rank, sends, recvs, send.view(-1), out.view(-1))
         for t in sends:
-            data = memoryview(send_bytes[t.offset * elem : (t.offset + t.count) * elem])
-            if t.peer == self.rank:
-                own = [r for r in recvs if r.peer == self.rank]
-                assert own and own[0].count == t.count, f"rank {self.rank} sends itself {t.count} elements"
-                out_bytes[own[0].offset * elem : (own[0].offset + t.count) * elem] = data
-            else:
+            if t.peer != self.rank:
+                data = memoryview(send_bytes[t.offset * elem : (t.offset + t.count) * elem])
                 writing[self._peers[t.peer]] = [memoryview(len(data).to_bytes(8, "little")), data]
         for t in recvs:
             if t.peer != self.rank:
