@@ -95,13 +95,30 @@ def test_a_burst_adds_a_shard_and_a_node_and_both_go_after_it(server, tiny_dir):
     assert health(server)["attention_shards"] == 1
     epoch = health(server)["epoch"]
 
-    # the burst: 8 streams against a target of 2 ongoing requests per shard
+    # the burst: 8 streams against a target of 2 ongoing requests per shard, each stream followed by another until
+    # the second shard is in the group (a burst of single streams could end before its node is up: Serve then
+    # drops the pending replica, and nothing scales)
     start = time.monotonic()
+    scaled = threading.Event()
+    spans = []  # (start, end) of every stream
+
+    def keep_streaming(prompt, want):
+        while not scaled.is_set():
+            begin = time.monotonic()
+            assert stream(server, prompt, 160) == want  # the group re-formed under the streams: nothing changed
+            spans.append((begin, time.monotonic()))
+
     with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
-        burst = [pool.submit(stream, server, p, 160) for p in prompts]
-        scale_out_s = wait_for(lambda: health(server).get("attention_shards") == 2, 240, "a second attention shard")
-        texts = [f.result(timeout=300) for f in burst]
-    assert texts == expected  # the group re-formed under the streams: nothing changed
+        workers = [pool.submit(keep_streaming, p, want) for p, want in zip(prompts, expected)]
+        try:
+            scale_out_s = wait_for(lambda: health(server).get("attention_shards") == 2, 240,
+                                   "a second attention shard")
+        finally:
+            scaled_at = time.monotonic()
+            scaled.set()
+        for worker in workers:
+            worker.result(timeout=300)
+    assert sum(begin < scaled_at < end for begin, end in spans) > 0, "no stream in flight when the shard joined"
     assert len(c.alive_nodes(ATTENTION_RESOURCE)) == 2  # Ray's autoscaler launched the node for the new shard
     after = health(server)
     assert after["epoch"] > epoch and after["scale_outs"] >= 1
@@ -123,12 +140,25 @@ def test_a_burst_adds_a_shard_and_a_node_and_both_go_after_it(server, tiny_dir):
     long_prompt = [11, 12, 13]
     long_expected = reference.generate([long_prompt], SamplingParams(max_tokens=600, temperature=0.0,
                                                                      ignore_eos=True))[0].text
-    started = threading.Event()
+    started, scaled_in = threading.Event(), threading.Event()
+    spans = []
+
+    def stream_until_scaled_in():  # one stream after another, so that one is in flight whenever the shard goes
+        while not scaled_in.is_set():
+            begin = time.monotonic()
+            assert stream(server, long_prompt, 600, started) == long_expected
+            spans.append((begin, time.monotonic()))
+
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        in_flight = pool.submit(stream, server, long_prompt, 600, started)
+        in_flight = pool.submit(stream_until_scaled_in)
         assert started.wait(60)
-        scale_in_s = wait_for(lambda: health(server).get("attention_shards") == 1, 180, "the scale-in")
-        assert in_flight.result(timeout=300) == long_expected
+        try:
+            scale_in_s = wait_for(lambda: health(server).get("attention_shards") == 1, 180, "the scale-in")
+        finally:
+            scaled_in_at = time.monotonic()
+            scaled_in.set()
+        in_flight.result(timeout=300)
+    assert sum(begin < scaled_in_at < end for begin, end in spans) == 1, "no stream in flight at the scale-in"
     assert health(server)["scale_ins"] >= 1
     node_gone_s = wait_for(lambda: len(c.alive_nodes(ATTENTION_RESOURCE)) == 1, 180, "the idle node's removal")
     print(f"scale-in: one shard left {scale_in_s:.1f} s after the stream started; "
