@@ -223,7 +223,8 @@ def start_latentmoe(args: argparse.Namespace, model: Path, log_path: Path):
     from latentmoe.loadtest.local_server import LocalServer
 
     home = Path(tempfile.mkdtemp(prefix="bench-serve-home-"))  # its own Ray token, cluster record, cache
-    env = server_env(HOME=str(home), RAY_TMPDIR=tempfile.mkdtemp(prefix="bsr", dir="/tmp"))
+    env = server_env(HOME=str(home), RAY_TMPDIR=tempfile.mkdtemp(prefix="bsr", dir="/tmp"),
+                     **dict(kv.split("=", 1) for kv in args.latentmoe_env))
     serve_args = ["--no-ray-dashboard", "--attention-shards", args.attention_shards,
                   "--expert-shards", str(args.expert_shards), *args.latentmoe_arg]
     command = (str(args.latentmoe_cli),)
@@ -462,6 +463,9 @@ def main() -> None:
     ap.add_argument("--src", type=Path, default=None, help="run latentmoe from this checkout (before/after runs)")
     ap.add_argument("--label", default=None, help="the latentmoe entry's name in the JSON (default: latentmoe)")
     ap.add_argument("--latentmoe-arg", action="append", default=[], help="one more latentmoe serve argument (--latentmoe-arg=--flag)")
+    ap.add_argument("--latentmoe-env", action="append", default=[], metavar="KEY=VALUE",
+                    help="one more variable in latentmoe serve's environment (RAY_SERVE_ENABLE_HA_PROXY=0: Serve's "
+                         "proxy actor instead of HAProxy)")
     ap.add_argument("--vllm-venv", type=Path, default=Path("/work/vllm-venv"))
     ap.add_argument("--vllm-arg", action="append", default=[], help="one more vllm serve argument (--vllm-arg=--enforce-eager)")
     ap.add_argument("--vllm-kv-cache-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")

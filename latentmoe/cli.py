@@ -188,9 +188,15 @@ def serve(
         ray_serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": http_port},
                         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
         ray_serve.run(build_app(args), name="latentmoe", route_prefix="/")
-        # Ray Serve 2.60's gRPC proxy listens on every interface ([::]); only the HTTP address can be chosen
-        typer.echo(f"serving: http://{host}:{http_port}/v1 (OpenAI API), grpc [::]:{grpc_port} (latentmoe.v1.Generator, "
-                   f"all interfaces); API key {'required' if api_key else 'not set'}; Ctrl-C stops", err=True)
+        # HAProxy (the local cluster's default, SERVE_ENV) listens for gRPC on the HTTP host; Ray Serve 2.60's gRPC
+        # proxy actor on every interface ([::])
+        from latentmoe.actors.local_cluster import serve_env
+
+        haproxy = started_cluster is not None and serve_env()["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+        grpc_at = f"{host}:{grpc_port}" if haproxy else f"[::]:{grpc_port}"
+        typer.echo(f"serving: http://{host}:{http_port}/v1 (OpenAI API), grpc {grpc_at} (latentmoe.v1.Generator"
+                   f"{', through HAProxy' if haproxy else ', all interfaces'}); API key "
+                   f"{'required' if api_key else 'not set'}; Ctrl-C stops", err=True)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         stop.wait()
