@@ -1,7 +1,7 @@
 """The streaming ceiling: tokens per second delivered to many concurrent short streams, through the whole server.
 
     python benchmarks/bench_streaming.py [--streams 256] [--max-tokens 32] [--rounds 2] [--src DIR]
-                                         [--out results/bench_streaming.json]
+                                         [--env KEY=VALUE] [--out results/bench_streaming.json]
 
 Starts ``latentmoe serve`` on the built-in tiny model (``LocalServer``: its own process group, its own Ray
 token), opens ``--streams`` SSE completions at once (``stream: true``, ``ignore_eos``, greedy), counts every
@@ -91,13 +91,17 @@ def main() -> None:
     p.add_argument("--src", default=None, help="another checkout to run (its .venv or this one's)")
     p.add_argument("--label", default=None)
     p.add_argument("--serve-arg", action="append", default=[], help="an extra `latentmoe serve` argument")
+    p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                   help="one more variable in the server's environment (RAY_SERVE_ENABLE_HA_PROXY=0: Serve's proxy "
+                        "actor instead of HAProxy)")
     p.add_argument("--out", default="results/bench_streaming.json")
     args = p.parse_args()
 
     home = tempfile.mkdtemp(prefix="lm-stream-home-")
     # its own HOME (Ray token, cluster record) and Ray temp dir (no other cluster on this machine is found)
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
-        "HOME": home, "RAY_TMPDIR": tempfile.mkdtemp(prefix="lmst", dir="/tmp")}
+        "HOME": home, "RAY_TMPDIR": tempfile.mkdtemp(prefix="lmst", dir="/tmp")} | \
+        dict(kv.split("=", 1) for kv in args.env)
     command = None
     if args.src:
         src = Path(args.src).resolve()
