@@ -266,6 +266,11 @@ def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shar
     # machine takes free ones instead, or its discovery file would list the first one's exporters
     for key, default in (("DASHBOARD_METRIC_PORT", 44227), ("AUTOSCALER_METRIC_PORT", 44217)):
         node_env[key] = os.environ.get(key) or str(default if not _port_in_use(default) else free_port())
+    # HAProxy's statistics and metrics pages on free ports: with Serve's fixed 8404 and 9101 a second cluster's
+    # HAProxy finds them taken by the first's and exits (free ones always: HAProxy binds them only once an
+    # application is deployed, so a port free when the cluster starts may be taken by then)
+    for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        node_env[key] = os.environ.get(key) or str(free_port())
     cluster.nodes.append({"role": "head", "pgid": _start_node(head, node_env, echo)})
     roles = [ATTENTION_RESOURCE] * attention_nodes + [EXPERT_RESOURCE] * expert_nodes
     try:

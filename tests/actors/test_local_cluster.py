@@ -97,6 +97,23 @@ def test_serve_with_and_without_a_token_file(tmp_path, tiny_dir, greedy_text, to
         server.stop()
 
 
+def test_two_servers_side_by_side(tmp_path, tiny_dir, greedy_text):
+    """A second `latentmoe serve` on a machine where one runs, each with its cluster and its HAProxy: both serve
+    (the second HAProxy found Serve's fixed statistics and metrics ports, 8404 and 9101, taken by the first and
+    exited, its server never healthy, until the local cluster gave them free ports). One after the other: two
+    clusters starting at the same instant can still both pick Ray's dashboard port."""
+    servers = []
+    try:
+        for name in ("a", "b"):
+            servers.append(Server(sandbox(tmp_path / name), tiny_dir))
+            servers[-1].wait_ready()
+        for server in servers:
+            assert server.complete()["choices"][0]["text"] == greedy_text[0]
+    finally:
+        for server in servers:
+            server.stop()
+
+
 LLM_SCRIPT = """
 import json, sys
 from latentmoe import LLM, SamplingParams
