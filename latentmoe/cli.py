@@ -184,12 +184,16 @@ def serve(
     started_cluster = ensure_ray(ray_address, most_attention, max(expert_shards, max_expert_shards or 0), echo=echo,
                                  record=True, port=ray_port, dashboard=ray_dashboard)
     stop = threading.Event()
+    # Ctrl-C from here on stops the server, once the application is up if it comes during the deploy (a SIGINT
+    # that came while Serve deployed, before the handler was set, was lost there: the server never stopped)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         ray_serve.start(proxy_location="HeadOnly", http_options={"host": host, "port": http_port},
                         grpc_options=gRPCOptions(port=grpc_port, grpc_servicer_functions=GRPC_SERVICERS))
         ray_serve.run(build_app(args), name="latentmoe", route_prefix="/")
-        # HAProxy (the local cluster's default, SERVE_ENV) listens for gRPC on the HTTP host; Ray Serve 2.60's gRPC
-        # proxy actor on every interface ([::])
+        # HAProxy (RAY_SERVE_ENABLE_HA_PROXY=1 on the local cluster) listens for gRPC on the HTTP host; Ray Serve
+        # 2.60's gRPC proxy actor on every interface ([::])
         from latentmoe.actors.local_cluster import serve_env
 
         haproxy = started_cluster is not None and serve_env()["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
@@ -197,8 +201,6 @@ def serve(
         typer.echo(f"serving: http://{host}:{http_port}/v1 (OpenAI API), grpc {grpc_at} (latentmoe.v1.Generator"
                    f"{', through HAProxy' if haproxy else ', all interfaces'}); API key "
                    f"{'required' if api_key else 'not set'}; Ctrl-C stops", err=True)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
         stop.wait()
     finally:
         try:
