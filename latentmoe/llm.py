@@ -225,6 +225,10 @@ class LLM:
         try:
             for actor in self.attention:
                 ray.kill(actor)
+            # ray.kill returns before the shard is gone; a shard still alive when the coordinator goes has its
+            # long-poll ``watch`` fail, and its worker prints "Task Coordinator.watch failed ... will be retried"
+            # into this process's output (CI saw it as the last line of a script's stdout)
+            _wait_dead(self.attention, timeout_s=30)
             self.attention = []
             if self.coordinator is not None:
                 try:
@@ -261,3 +265,22 @@ class LLM:
 
 _CACHE_KEYS = ("block_size", "bytes_per_token", "num_blocks", "num_free_blocks", "num_running", "num_waiting",
                "max_model_len")
+
+
+def _wait_dead(actors: list, timeout_s: float) -> None:
+    """Wait until each killed actor is dead (a call on it raises ``RayActorError``), at most ``timeout_s``."""
+    import time
+
+    import ray
+    from ray.exceptions import GetTimeoutError, RayActorError
+
+    deadline = time.monotonic() + timeout_s
+    for actor in actors:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(actor.__ray_ready__.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            except RayActorError:
+                break
+            except GetTimeoutError:
+                return
+            time.sleep(0.1)

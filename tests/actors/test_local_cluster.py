@@ -156,7 +156,10 @@ def test_llm_starts_and_stops_its_own_cluster(tmp_path, tiny_dir, greedy_text, e
                           env=env, capture_output=True, text=True, timeout=400)
     try:
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-        result = json.loads(proc.stdout.strip().splitlines()[-1])
+        # Ray copies its workers' log lines into the driver's stdout: the script's answer is its JSON line
+        answers = [line for line in proc.stdout.splitlines() if line.startswith('{"token_ids"')]
+        assert len(answers) == 1, proc.stdout[-3000:]
+        result = json.loads(answers[0])
         assert result["token_ids"] == greedy_text[1]
         assert result["shards"] == {"attention": 2, "expert": 2}
         left = wait_gone(env, timeout=30)
