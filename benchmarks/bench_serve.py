@@ -8,7 +8,8 @@ For each target, back to back: starts the server in a process group of its own, 
 one small completion (a server that holds requests open would otherwise hang vLLM's client), runs
 ``vllm bench serve --backend openai`` (random prompts of ``--input-len`` tokens, exactly ``--output-len``
 new tokens each, EOS ignored, greedy, at most ``--concurrency`` requests in flight) against it, reads the
-result file vLLM's client saves, records ``/health`` (latentmoe answers JSON), and stops the server (SIGINT to
+result file vLLM's client saves, records ``/health`` (latentmoe answers JSON; its step sums before and after
+give the attention shards' own step time over the run, against TPOT), and stops the server (SIGINT to
 its group, then SIGTERM and SIGKILL), checking that none of its processes is left. Prints a table and saves
 the figures, per target, as JSON (a later run with one target replaces that target's entry only).
 
@@ -337,6 +338,17 @@ def finish_profiles(profilers: list) -> list[dict]:
     return done
 
 
+def shard_steps(before: dict, after: dict) -> dict | None:
+    """The attention shards' own step time while the client ran, from ``/health``'s sums before and after (the
+    shards report them when they run out of work): what #17's "TPOT within 1.2x the shards' step time" compares."""
+    try:
+        b, a = before["json"], after["json"]
+        steps, seconds = a["steps"] - b["steps"], a["step_s"] - b["step_s"]
+    except (KeyError, TypeError):
+        return None
+    return {"steps": steps, "step_ms": round(1e3 * seconds / steps, 2) if steps else None}
+
+
 def bench_target(target: str, args: argparse.Namespace, model: Path, result_dir: Path) -> dict:
     from latentmoe.loadtest.local_server import rss_mib
 
@@ -372,6 +384,7 @@ def bench_target(target: str, args: argparse.Namespace, model: Path, result_dir:
             print(f"[{target}] probe answered in {record['probe_s']} s; running vllm bench serve ...", flush=True)
             record["loadavg_at_bench"] = os.getloadavg()
             profilers = start_profiles(args, server, result_dir, target)
+            health_before = get_health(server.url) if target == "latentmoe" else None
             cpu_before, cpu_start, mine = cpu_seconds(server_pids(server)), time.monotonic(), os.times()
             try:
                 raw, cmd, seconds = run_client(args, server.url, served_name, model, result_dir, target)
@@ -387,10 +400,17 @@ def bench_target(target: str, args: argparse.Namespace, model: Path, result_dir:
                   f"({record['server_cpu']['by_process']}), client {record['client_cpu_s']} s", flush=True)
             if profilers:
                 record["profiles"] = finish_profiles(profilers)
+            if health_before is not None:
+                record["shard_steps"] = shard_steps(health_before, get_health(server.url))
         if raw is not None:
             record["client_command"] = cmd
             record["client_s"] = round(seconds, 1)
             record |= summarize(raw)
+            step_ms = (record.get("shard_steps") or {}).get("step_ms")
+            if step_ms and record.get("median_tpot_ms"):
+                record["tpot_over_step"] = round(record["median_tpot_ms"] / step_ms, 2)
+                print(f"[{target}] the shards' own step {step_ms} ms over {record['shard_steps']['steps']} steps; "
+                      f"TPOT p50 {record['median_tpot_ms']:.1f} ms = {record['tpot_over_step']}x that", flush=True)
         pids = server_pids(server)
         record["server_rss_mib_after"] = round(rss_mib(pids), 1)
         record["server_processes_after"] = len(pids)

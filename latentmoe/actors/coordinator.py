@@ -605,9 +605,12 @@ class Coordinator:
             "num_recoveries": self.num_recoveries, "num_scale_outs": self.num_scale_outs,
             "num_scale_ins": self.num_scale_ins, "faults": self.faults, "restarted": self.restarted,
             "members": [m.id for m in self.membership.group.members] if self.membership.group else [],
-            # the attention shards' own step time (their step loops' wall time per step, idle passes included)
+            # the attention shards' own step time (their step loops' wall time per step, idle passes included),
+            # and its two sums, for the mean over a window (benchmarks/bench_serve.py: TPOT against it)
             "step_ms": 1e3 * sum(c.get("step_s", 0.0) for c in caches) / max(1, sum(c.get("num_steps", 0)
                                                                                   for c in caches)),
+            "num_steps": sum(c.get("num_steps", 0) for c in caches),
+            "step_s": sum(c.get("step_s", 0.0) for c in caches),
             "num_running": sum(c.get("num_running", 0) for c in caches),
             "num_waiting": sum(c.get("num_waiting", 0) for c in caches),
             "node_id": ray.get_runtime_context().get_node_id()}

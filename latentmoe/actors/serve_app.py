@@ -344,7 +344,8 @@ class LatentMoEServer:
                 "live_requests": status["num_running"] + status["num_waiting"],
                 "scale_outs": status["num_scale_outs"], "scale_ins": status["num_scale_ins"],
                 "recoveries": status["num_recoveries"], "moved_requests": getattr(self.engine, "num_moves", 0),
-                "step_ms": status.get("step_ms")}
+                "step_ms": status.get("step_ms"), "steps": status.get("num_steps"),
+                "step_s": status.get("step_s")}
 
     @app.get("/v1/models")
     async def models(self, request: Request):

@@ -121,6 +121,24 @@ def test_models_and_health(server, client):
     assert stub.Check(health_pb2.HealthCheckRequest(), timeout=30).status == health_pb2.HealthCheckResponse.SERVING
 
 
+def test_health_counts_the_shards_steps(server, client):
+    """``/health``'s step sums (bench_serve's TPOT against the shards' own step time): a completion of 12 tokens
+    by one request takes at least 12 steps (one token per step), and their time adds to ``step_s``."""
+    before = httpx.get(server["http"] + "/health", timeout=10).json()
+    done = client.completions.create(model="tiny", prompt="the latent cache", max_tokens=12, temperature=0.0,
+                                     extra_body={"ignore_eos": True})
+    assert done.usage.completion_tokens == 12
+    deadline = time.monotonic() + 30
+    while True:  # the shards report their sums when they run out of work
+        after = httpx.get(server["http"] + "/health", timeout=10).json()
+        if after["steps"] - before["steps"] >= 12 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert after["steps"] - before["steps"] >= 12, (before, after)
+    assert after["step_s"] > before["step_s"], (before, after)
+    assert after["step_ms"] == pytest.approx(1e3 * after["step_s"] / after["steps"], rel=1e-6)
+
+
 def listener(port: int) -> str:
     """The name of the process listening on TCP ``port`` of this machine."""
     pids = {c.pid for c in psutil.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
