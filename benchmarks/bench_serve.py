@@ -484,8 +484,8 @@ def main() -> None:
     ap.add_argument("--label", default=None, help="the latentmoe entry's name in the JSON (default: latentmoe)")
     ap.add_argument("--latentmoe-arg", action="append", default=[], help="one more latentmoe serve argument (--latentmoe-arg=--flag)")
     ap.add_argument("--latentmoe-env", action="append", default=[], metavar="KEY=VALUE",
-                    help="one more variable in latentmoe serve's environment (RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy "
-                         "in front instead of Serve's proxy actor)")
+                    help="one more variable in latentmoe serve's environment (RAY_SERVE_ENABLE_HA_PROXY=0: Serve's "
+                         "proxy actor in front instead of HAProxy, the local cluster's default)")
     ap.add_argument("--vllm-venv", type=Path, default=Path("/work/vllm-venv"))
     ap.add_argument("--vllm-arg", action="append", default=[], help="one more vllm serve argument (--vllm-arg=--enforce-eager)")
     ap.add_argument("--vllm-kv-cache-gib", type=int, default=4, help="VLLM_CPU_KVCACHE_SPACE")

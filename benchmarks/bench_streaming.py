@@ -92,8 +92,8 @@ def main() -> None:
     p.add_argument("--label", default=None)
     p.add_argument("--serve-arg", action="append", default=[], help="an extra `latentmoe serve` argument")
     p.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                   help="one more variable in the server's environment (RAY_SERVE_ENABLE_HA_PROXY=1: HAProxy in "
-                        "front instead of Serve's proxy actor)")
+                   help="one more variable in the server's environment (RAY_SERVE_ENABLE_HA_PROXY=0: Serve's proxy "
+                        "actor in front instead of HAProxy, the local cluster's default)")
     p.add_argument("--out", default="results/bench_streaming.json")
     args = p.parse_args()
 

