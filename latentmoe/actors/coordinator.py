@@ -601,16 +601,14 @@ class Coordinator:
         """Health and counters: live shards, epoch, faults, scale events (``/health`` shows it)."""
         await self.start()
         caches = [i.get("cache", {}) for i in self.attention_info.values()]
+        num_steps, step_s = sum(c.get("num_steps", 0) for c in caches), sum(c.get("step_s", 0.0) for c in caches)
         return self.info() | {
             "num_recoveries": self.num_recoveries, "num_scale_outs": self.num_scale_outs,
             "num_scale_ins": self.num_scale_ins, "faults": self.faults, "restarted": self.restarted,
             "members": [m.id for m in self.membership.group.members] if self.membership.group else [],
             # the attention shards' own step time (their step loops' wall time per step, idle passes included),
             # and its two sums, for the mean over a window (benchmarks/bench_serve.py: TPOT against it)
-            "step_ms": 1e3 * sum(c.get("step_s", 0.0) for c in caches) / max(1, sum(c.get("num_steps", 0)
-                                                                                  for c in caches)),
-            "num_steps": sum(c.get("num_steps", 0) for c in caches),
-            "step_s": sum(c.get("step_s", 0.0) for c in caches),
+            "step_ms": 1e3 * step_s / max(1, num_steps), "num_steps": num_steps, "step_s": step_s,
             "num_running": sum(c.get("num_running", 0) for c in caches),
             "num_waiting": sum(c.get("num_waiting", 0) for c in caches),
             "node_id": ray.get_runtime_context().get_node_id()}

@@ -291,7 +291,9 @@ def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shar
         head += ["--include-dashboard=false"]
     cluster = LocalCluster(address=f"127.0.0.1:{port}", env=env, dashboard_url=dashboard_url,
                            state_file=str(cache_root() / f"cluster-{port}.json") if record else None)
-    serving = serve_env()  # every node: Serve's processes (ingress replicas among them) read it
+    # every node: Serve's processes (ingress replicas among them) read it; the ingress replicas take their ports
+    # from the cluster's own ranges
+    serving = serve_env() | direct_ingress_env(port)
     node_env = {**env, **serving}
     # the head's dashboard and autoscaler export metrics on fixed ports (44227, 44217): a second cluster on the
     # machine takes free ones instead, or its discovery file would list the first one's exporters
@@ -299,14 +301,12 @@ def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shar
         node_env[key] = os.environ.get(key) or str(default if not _port_in_use(default) else free_port())
     # HAProxy's statistics and metrics pages on free ports: with Serve's fixed 8404 and 9101 a second cluster's
     # HAProxy finds them taken by the first's and exits (free ones always: HAProxy binds them only once an
-    # application is deployed, so a port free when the cluster starts may be taken by then)
-    # the same for the proxy actor HAProxy falls back on (Serve's fixed 8500 and 9500): a second cluster's HAProxy
-    # would send its requests to the first one's fallback proxy
+    # application is deployed, so a port free when the cluster starts may be taken by then). The same for the proxy
+    # actor HAProxy falls back on (Serve's fixed 8500 and 9500): a second cluster's HAProxy would send its requests
+    # to the first one's fallback proxy
     for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
                 "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
         node_env[key] = os.environ.get(key) or str(free_port())
-    serving |= direct_ingress_env(port)  # every node: its ingress replicas take ports from these ranges
-    node_env |= serving
     cluster.nodes.append({"role": "head", "pgid": _start_node(head, node_env, echo)})
     roles = [ATTENTION_RESOURCE] * attention_nodes + [EXPERT_RESOURCE] * expert_nodes
     try:
