@@ -3,8 +3,8 @@
 ``latentmoe.kernels.mla_decode`` and ``latentmoe.kernels.fused_moe`` each hold a Triton
 kernel and its launcher (named like the module), and re-export its reference (``*_ref``),
 which lives in ``latentmoe.kernels.reference`` (no triton import). ``latentmoe.kernels.cpu``
-holds the CPU's (Numba): MLA decode over the paged cache in place, and small batches' routed
-experts. ``kernel_family(setting, device)`` says which the engine runs; ``set_kernels(model,
+holds the CPU's: MLA decode over the paged cache in place, and small batches' routed experts
+(Numba), and the dense projections on prepacked weights (PyTorch's oneDNN). ``kernel_family(setting, device)`` says which the engine runs; ``set_kernels(model,
 family)`` puts them on a model, in one pass. The launchers' modules import triton or numba;
 this package and ``reference`` do not.
 """
@@ -50,13 +50,17 @@ def kernel_family(setting: str, device: torch.device | str) -> str:
 
 
 def set_kernels(model: torch.nn.Module, family: str) -> None:
-    """Set every layer's MLA decode and routed-expert implementations for ``family`` (``kernel_family``'s answer).
+    """Set every layer's MLA decode and routed-expert implementations for ``family`` (``kernel_family``'s answer),
+    and the dense projections' product (the CPU's: oneDNN on prepacked weights; the others: ``F.linear``).
 
     The one place kernels are chosen (engines, attention and expert shards all call it). Layers whose
     parts are not materialised (an expert shard's attention) get them too; they are never called.
     """
     from latentmoe.kernels.reference import fused_moe_ref as moe_impl
     from latentmoe.kernels.reference import mla_decode_ref as decode_impl
+    from latentmoe.model.deepseek_v2 import Linear
+
+    pack = None  # weight -> the product's implementation (None: F.linear)
 
     if family == "triton":
         from latentmoe.kernels.fused_moe import fused_moe as moe_impl
@@ -64,11 +68,15 @@ def set_kernels(model: torch.nn.Module, family: str) -> None:
     elif family == "numba":
         from latentmoe.kernels.cpu import fused_moe_cpu as moe_impl
         from latentmoe.kernels.cpu import mla_decode_cpu as decode_impl
+        from latentmoe.kernels.cpu import packed_linear as pack
         from latentmoe.kernels.cpu import warm_up
 
         warm_up()
     elif family != "torch":
         raise ValueError(f"unknown kernel family {family!r}")
+    for module in model.modules():
+        if isinstance(module, Linear):
+            module.impl = pack(module.weight) if pack is not None else None
     for layer in model.model.layers:
         layer.self_attn.decode_impl = decode_impl
         if layer.is_moe:

@@ -51,6 +51,19 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` without a bias whose product a kernel can take over: ``impl(x)`` when set (``kernels.set_kernels``
+    puts the CPU's prepacked oneDNN product there), else ``F.linear``. Same parameters and checkpoint names."""
+
+    impl: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__(in_features, out_features, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight) if self.impl is None else self.impl(x)
+
+
 class MLA(nn.Module):
     """Multi-head latent attention. Only ``[c_kv | k_pe]`` (R + P values per token) needs caching."""
 
@@ -64,15 +77,15 @@ class MLA(nn.Module):
         self.softmax_scale = c.softmax_scale
         qk_dim = c.qk_head_dim
         if c.q_lora_rank is None:
-            self.q_proj = nn.Linear(c.hidden_size, c.num_attention_heads * qk_dim, bias=False)
+            self.q_proj = Linear(c.hidden_size, c.num_attention_heads * qk_dim)
         else:
-            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+            self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank)
-            self.q_b_proj = nn.Linear(c.q_lora_rank, c.num_attention_heads * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
+            self.q_b_proj = Linear(c.q_lora_rank, c.num_attention_heads * qk_dim)
+        self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=False)
+        self.kv_b_proj = Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim))
+        self.o_proj = Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size)
 
     def project(self, h: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Queries and latents for tokens ``h [..., T, D]``; RoPE already applied.
@@ -128,9 +141,9 @@ class MLA(nn.Module):
 class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size)
+        self.up_proj = Linear(hidden_size, intermediate_size)
+        self.down_proj = Linear(intermediate_size, hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -282,7 +295,7 @@ class DeepseekV2ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.model = DeepseekV2Model(config, expert_ids)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size)
         self.rotary = RotaryEmbedding(config.rope, config.qk_rope_head_dim)
         self.absorbed = False  # plain forward uses naive MLA unless set
 

@@ -132,3 +132,49 @@ def test_experts_in_bf16_take_the_reference():
     x, w13, w2, topk_ids, topk_weights = moe_inputs(5, 2, 4, 32, 16, dtype=torch.bfloat16, seed=1, device="cpu")
     torch.testing.assert_close(fused_moe_cpu(x, w13, w2, topk_ids, topk_weights),
                                fused_moe_ref(x, w13, w2, topk_ids, topk_weights))
+
+
+def test_packed_linear_matches_a_float64_product():
+    """oneDNN's product on the prepacked weight against the same product in float64, for the shapes a step
+    passes (no rows, one, a decode batch, a prefill, a 3-D batch, rows read with a stride)."""
+    from latentmoe.kernels.cpu import PACKED_LINEAR_MIN_ELEMENTS, packed_linear
+
+    gen = torch.Generator().manual_seed(7)
+    weight = torch.randn(300, 256, generator=gen) / 16
+    assert weight.numel() >= PACKED_LINEAR_MIN_ELEMENTS
+    linear = packed_linear(weight)
+    assert linear is not None
+    wide = torch.randn(9, 512, generator=gen)
+    for x in (torch.randn(0, 256), torch.randn(1, 256, generator=gen), torch.randn(16, 256, generator=gen),
+              torch.randn(200, 256, generator=gen), torch.randn(3, 5, 256, generator=gen), wide[:, ::2]):
+        out = linear(x)
+        assert out.shape == (*x.shape[:-1], 300) and out.dtype == torch.float32
+        torch.testing.assert_close(out, (x.double() @ weight.double().T).float(), atol=1e-5, rtol=1e-5)
+    # small weights keep F.linear (oneDNN's call costs more than it saves), and so do other dtypes and meta tensors
+    assert packed_linear(torch.randn(16, 256)) is None
+    assert packed_linear(weight.bfloat16()) is None
+    assert packed_linear(torch.empty(300, 256, device="meta")) is None
+
+
+def test_model_with_packed_linears_matches_transformers(tmp_path):
+    """The whole model with the CPU kernels set, at widths where most projections take the packed product,
+    against Hugging Face's DeepseekV2ForCausalLM on the same checkpoint."""
+    from latentmoe.kernels import set_kernels
+    from latentmoe.model import load_model
+    from latentmoe.model.deepseek_v2 import Linear
+    from tests.model.test_model import hf_logits, rel_err, small_config, write_checkpoint
+
+    cfg = small_config(vocab_size=512, hidden_size=256, intermediate_size=512, moe_intermediate_size=256,
+                       kv_lora_rank=256, num_attention_heads=2)
+    path = write_checkpoint(tmp_path / "ckpt", cfg, seed=3)
+    model = load_model(path)
+    set_kernels(model, "numba")
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
+    packed = {name for name, m in linears.items() if m.impl is not None}
+    assert {"lm_head", "model.layers.0.mlp.gate_proj", "model.layers.1.self_attn.kv_a_proj_with_mqa",
+            "model.layers.1.mlp.shared_experts.down_proj"} <= packed
+    assert "model.layers.0.self_attn.o_proj" not in packed  # 256 x 20: below the size where packing pays
+    input_ids = torch.randint(2, 512, (2, 11), generator=torch.Generator().manual_seed(1))
+    assert rel_err(model(input_ids), hf_logits(path, input_ids)) < 1e-4
+    set_kernels(model, "torch")  # the references again: F.linear everywhere
+    assert all(m.impl is None for m in linears.values())
