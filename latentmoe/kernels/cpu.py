@@ -16,7 +16,10 @@ are as fast from about 32 rows. The grouping of (token, expert) pairs and the we
 too: as a dozen small torch ops they took a third of a decode step's expert time. Same contract as
 ``fused_moe_ref``.
 
-Both are float32 only (other dtypes take the references). Numba compiles them to machine code once
+**Dense projections.** ``packed_linear`` is ``F.linear`` through PyTorch's oneDNN on a weight prepacked once
+(MKL's sgemm repacks it on every call); ``model.Linear`` takes it by injection.
+
+The Numba kernels are float32 only (other dtypes take the references). Numba compiles them to machine code once
 (``warm_up``, when an engine or shard sets its kernels), cached under ``$LATENTMOE_CACHE/numba``
 (``NUMBA_CACHE_DIR`` if set) for the next process. They hold no GIL. The MLA decode splits its batch across
 ``torch.get_num_threads()`` threads of our own (not Numba's parallel layer, whose default cannot take calls
