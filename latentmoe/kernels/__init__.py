@@ -3,10 +3,10 @@
 ``latentmoe.kernels.mla_decode`` and ``latentmoe.kernels.fused_moe`` each hold a Triton
 kernel and its launcher (named like the module), and re-export its reference (``*_ref``),
 which lives in ``latentmoe.kernels.reference`` (no triton import). ``latentmoe.kernels.cpu``
-holds the CPU's: MLA decode over the paged cache in place, and small batches' routed experts
-(Numba), and the dense projections on prepacked weights (PyTorch's oneDNN). ``kernel_family(setting, device)`` says which the engine runs; ``set_kernels(model,
-family)`` puts them on a model, in one pass. The launchers' modules import triton or numba;
-this package and ``reference`` do not.
+holds the CPU's: in Numba, MLA decode over the paged cache in place and small batches' routed
+experts; with PyTorch's oneDNN, the dense projections on prepacked weights. ``kernel_family(setting,
+device)`` says which the engine runs; ``set_kernels(model, family)`` puts them on a model, in one pass.
+The launchers' modules import triton or numba; this package and ``reference`` do not.
 """
 
 from __future__ import annotations
