@@ -305,7 +305,8 @@ def summarize(raw: dict) -> dict:
 
 def start_profiles(args: argparse.Namespace, server, result_dir: Path, target: str) -> list:
     """With ``--profile-s S``: py-spy records each of the server's processes for the client's first S seconds
-    (after a 5 s warm-up), as collapsed stacks (``<target>-<pid>-<title>.txt``, one line per stack and count)."""
+    (after ``--profile-delay`` seconds: the client's own start-up), as collapsed stacks
+    (``<target>-<pid>-<title>.txt``, one line per stack and count)."""
     if not args.profile_s:
         return []
     py_spy = shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy")
@@ -321,7 +322,7 @@ def start_profiles(args: argparse.Namespace, server, result_dir: Path, target: s
         out = result_dir / f"{target}-{pid}-{name}.txt"
         cmd = [py_spy, "record", "--pid", str(pid), "--duration", str(args.profile_s), "--rate", str(args.profile_rate),
                "--format", "raw", "--nonblocking", "--threads", "--idle", "--output", str(out)]
-        shell = f"sleep 5; exec {' '.join(cmd)} >{out}.log 2>&1"
+        shell = f"sleep {args.profile_delay}; exec {' '.join(cmd)} >{out}.log 2>&1"
         profilers.append((subprocess.Popen(["bash", "-c", shell]), out, title))
     return profilers
 
@@ -496,6 +497,8 @@ def main() -> None:
                     help="py-spy each server process for this many seconds of the run (collapsed stacks)")
     ap.add_argument("--profile-match", default="AttentionShard",
                     help="comma-separated parts of process titles to profile (each profiler costs CPU)")
+    ap.add_argument("--profile-delay", type=float, default=5,
+                    help="seconds after the client starts before py-spy starts (vLLM's client takes ~8 s to send)")
     ap.add_argument("--profile-rate", type=int, default=50, help="py-spy samples per second")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "bench_serve.json")
     args = ap.parse_args()

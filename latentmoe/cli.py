@@ -122,6 +122,9 @@ def serve(
     micro_batches: int = typer.Option(0, help="Micro-batches per cluster step: 1, 2 (ping-pong: one runs attention "
                                       "while the other is at the experts), or 0: by batch size (two on CUDA "
                                       "from 4 requests; one on CPU)."),
+    prefill_threads: int = typer.Option(0, help="CPU: torch threads for an attention shard's prefill passes (128 "
+                                        "tokens or more; decode runs on the shard's own threads). 0: the cores "
+                                        "the shard may run on."),
     redundant_experts: int = typer.Option(0, help="Expert load balancing: redundant slots per expert shard, for "
                                           "copies of hot experts."),
     eplb_interval_s: float = typer.Option(0, help="Expert load balancing: how often the coordinator checks the "
@@ -171,6 +174,7 @@ def serve(
     args = {"model": str(model) if model else None, "attention_shards": attention_shards,
             "expert_shards": expert_shards,
             "engine": {"dtype": dtype, "device": device, "micro_batches": micro_batches,
+                       "prefill_threads": prefill_threads,
                        "redundant_experts": redundant_experts, "eplb_interval_s": eplb_interval_s,
                        "eplb_threshold": eplb_threshold, "eplb_mode": eplb_mode,
                        "expert_shards_policy": expert_shards_policy, "expert_shards_policy_args": policy_args},

@@ -255,6 +255,7 @@ class AttentionServer:
             "num_idle_rounds": self.steps.num_idle_rounds, "num_wakeups": self.steps.num_wakeups,
             "num_faults": self.steps.num_faults, "open_calls": len(self.streams),
             "dispatch": self.shard.stats(), "timings": dict(self.shard.timings), "pid": os.getpid(),
+            "threads": self.shard.threads, "prefill_threads": self.shard.prefill_threads,
             "node_id": self.member.node_id, "draining": self.draining}
 
     def check_health(self) -> None:

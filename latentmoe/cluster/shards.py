@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 # with micro_batches 0 (by batch size): two micro-batches once an attention shard has this many requests
 AUTO_MICRO_BATCH_REQUESTS = 4
 
+# an attention shard's forward pass of at least this many tokens runs on ``EngineConfig.prefill_threads``
+PREFILL_MIN_TOKENS = 128
+
 
 def max_lanes(config: EngineConfig) -> int:
     """Micro-batches a step may run as. ``micro_batches`` 0 (by batch size) means two on CUDA only: on CPU
@@ -116,12 +119,27 @@ def shard_runtime_env() -> dict:
     return {"env_vars": {k: os.environ.get(k, v) for k, v in SHARD_ENV_VARS.items()}}
 
 
+def usable_cores() -> int:
+    """The cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def shard_threads(assigned_cpus: float | None, cores: int | None = None) -> int:
     """Torch intra-op threads for a shard process: the CPUs its bundle holds (whole ones, at least one), no more
     than the cores this process may run on. Without it every shard on a node takes all the cores."""
-    if cores is None:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(int(assigned_cpus or 1), cores))
+    return max(1, min(int(assigned_cpus or 1), usable_cores() if cores is None else cores))
+
+
+def pass_threads(num_tokens: int, own: int, prefill: int) -> int:
+    """Torch threads for an attention shard's forward pass of ``num_tokens`` tokens: ``prefill`` (at least
+    ``own``) from ``PREFILL_MIN_TOKENS`` on, else ``own`` (the shard's threads).
+
+    A prefill pass is bound by compute, and while its dense layers run the expert shards have nothing to do; a
+    decode pass is bound by reading weights, and its expert exchanges come every few milliseconds. On this
+    project's 2-core machines, the bench checkpoint's prefill of 16 prompts of 128 tokens on a cluster of one
+    attention and two expert shards took 755-983 ms with one thread and 641-713 ms with two (the shards all on
+    the same two cores; ``benchmarks/bench_serve.py`` measures the whole server)."""
+    return max(own, prefill) if num_tokens >= PREFILL_MIN_TOKENS else own
 
 
 @dataclass
@@ -164,7 +182,10 @@ class AttentionShard:
         self._num_queued = 0
         self.cache = self.engine.cache_stats()  # after the last step (read from other threads)
         self.num_requests = 0  # admitted and not finished (read from other threads)
-        self.timings = {"step_s": 0.0, "a2a_s": 0.0, "num_steps": 0, "lanes": 0}
+        self.timings = {"step_s": 0.0, "a2a_s": 0.0, "num_steps": 0, "lanes": 0, "prefill_passes": 0}
+        # the shard's own torch threads (its actor set them), and those of its prefill passes
+        self.threads = torch.get_num_threads()
+        self.prefill_threads = max(self.threads, config.prefill_threads or usable_cores())
 
     # ---- any thread -------------------------------------------------------------------------------------------
 
@@ -217,10 +238,16 @@ class AttentionShard:
         """The forward pass of the step's chunks, as ``lanes`` micro-batches (logits in the chunks' order)."""
         parts = split_chunks(chunks, lanes)
 
+        threads = [pass_threads(sum(c.num_tokens for c in part), self.threads, self.prefill_threads)
+                   if self.engine.device.type == "cpu" else self.threads for part in parts]
+        self.timings["prefill_passes"] += sum(n > self.threads for n in threads)
+
         def lane(k: int) -> torch.Tensor:
             if not parts[k]:  # nothing for this lane: it still joins every exchange
                 self._idle_lane(k)
                 return torch.empty(0, self.model_config.vocab_size, device=self.engine.device)
+            if threads[k] != torch.get_num_threads():  # the lane thread's own (OpenMP's and MKL's are per thread)
+                torch.set_num_threads(threads[k])
             return self.engine.runner.execute(parts[k], self.dispatchers[k].dispatch)
 
         return torch.cat(self._lanes.run(lane, lanes))

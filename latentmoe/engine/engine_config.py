@@ -35,6 +35,11 @@ class EngineConfig:
     # after the first with their count inside, in a block of fixed size per expert shard: two exchanges per layer
     # instead of three (counts, rows, sums). 0: always three. Larger passes (prefill) always send counts first.
     padded_dispatch_tokens: int = 256
+    # disaggregated cluster, CPU: torch threads for an attention shard's forward pass of at least
+    # ``latentmoe.cluster.shards.PREFILL_MIN_TOKENS`` tokens (prefill: bound by compute, and the expert shards wait
+    # for the dense layers it runs); its other passes (decode) run on the shard's own threads, its Ray CPUs.
+    # 0: the cores the shard's process may run on; never fewer than the shard's own
+    prefill_threads: int = 0
     # disaggregated cluster, expert load balancing (``latentmoe.cluster.eplb``): redundant slots per expert shard
     # (copies of hot experts); every eplb_interval_s seconds (0: only when asked) the coordinator rebalances if the
     # expert shards' imbalance (max / mean tokens over the last eplb_window_s) is above eplb_threshold.
@@ -70,6 +75,10 @@ class EngineConfig:
                 self.padded_dispatch_tokens < 0:
             raise ValueError(f"padded_dispatch_tokens must be a non-negative integer, got "
                              f"{self.padded_dispatch_tokens!r}")
+        if isinstance(self.prefill_threads, bool) or not isinstance(self.prefill_threads, int) or \
+                self.prefill_threads < 0:
+            raise ValueError(f"prefill_threads must be a non-negative integer (0: the cores the shard may use), got "
+                             f"{self.prefill_threads!r}")
         if self.micro_batches not in (0, 1, 2):
             raise ValueError(f"micro_batches must be 0 (by batch size), 1 or 2, got {self.micro_batches!r}")
         if not isinstance(self.redundant_experts, int) or isinstance(self.redundant_experts, bool) \

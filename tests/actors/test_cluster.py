@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
+import os
 import random
 import time
 
@@ -111,9 +112,15 @@ def test_cluster_equals_single_process(cluster, tiny_dir, prompts, expected, num
 
         cache = llm.cache_stats()
         assert cache["num_free_blocks"] == cache["num_blocks"] == 64 * num_attention
+        stats = llm.shard_stats()
         if micro_batches == 2:  # the steps really ran as two micro-batches
-            timings = [st["timings"] for st in llm.shard_stats()]
+            timings = [st["timings"] for st in stats]
             assert all(t["lanes"] == 2 * t["num_steps"] for t in timings), timings
+        # the shards run decode on their one Ray CPU's thread, and the passes of 128 tokens or more (the prompts of
+        # 200 and 129) on every core they may use (EngineConfig.prefill_threads 0): the same tokens either way
+        cores = len(os.sched_getaffinity(0))
+        assert [(st["threads"], st["prefill_threads"]) for st in stats] == [(1, cores)] * num_attention
+        assert (sum(st["timings"]["prefill_passes"] for st in stats) > 0) == (cores > 1)
     finally:
         llm.shutdown()
 

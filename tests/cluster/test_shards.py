@@ -2,7 +2,7 @@
 
 import pytest
 
-from latentmoe.cluster.shards import max_lanes, shard_threads, split_chunks
+from latentmoe.cluster.shards import PREFILL_MIN_TOKENS, max_lanes, pass_threads, shard_threads, split_chunks
 
 
 def test_shard_threads_follow_the_bundle():
@@ -12,6 +12,23 @@ def test_shard_threads_follow_the_bundle():
     assert shard_threads(0.5, cores=16) == 1  # at least one
     assert shard_threads(None, cores=16) == 1  # an actor given no CPU
     assert shard_threads(8.0, cores=2) == 2  # never more than the cores the process may use
+
+
+def test_prefill_passes_take_the_prefill_threads():
+    assert pass_threads(16, own=1, prefill=2) == 1  # a decode pass: the shard's own
+    assert pass_threads(PREFILL_MIN_TOKENS - 1, own=1, prefill=2) == 1
+    assert pass_threads(PREFILL_MIN_TOKENS, own=1, prefill=2) == 2
+    assert pass_threads(2048, own=4, prefill=2) == 4  # never fewer than the shard's own
+
+
+def test_prefill_threads_setting():
+    from latentmoe.engine.engine_config import EngineConfig
+
+    assert EngineConfig(model="m").prefill_threads == 0  # the cores the shard may run on
+    assert EngineConfig(model="m", prefill_threads=3).prefill_threads == 3
+    for bad in (-1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="prefill_threads must be a non-negative integer"):
+            EngineConfig(model="m", prefill_threads=bad)
 
 
 def test_split_chunks_keeps_order_and_balances_tokens():
