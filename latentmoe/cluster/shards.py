@@ -183,9 +183,10 @@ class AttentionShard:
         self.cache = self.engine.cache_stats()  # after the last step (read from other threads)
         self.num_requests = 0  # admitted and not finished (read from other threads)
         self.timings = {"step_s": 0.0, "a2a_s": 0.0, "num_steps": 0, "lanes": 0, "prefill_passes": 0}
-        # the shard's own torch threads (its actor set them), and those of its prefill passes
+        # the shard's own torch threads (its actor set them), and those of its prefill passes (CPU only)
         self.threads = torch.get_num_threads()
-        self.prefill_threads = max(self.threads, config.prefill_threads or usable_cores())
+        self.prefill_threads = max(self.threads, config.prefill_threads or usable_cores()) \
+            if self.engine.device.type == "cpu" else self.threads
 
     # ---- any thread -------------------------------------------------------------------------------------------
 
@@ -239,7 +240,7 @@ class AttentionShard:
         parts = split_chunks(chunks, lanes)
 
         threads = [pass_threads(sum(c.num_tokens for c in part), self.threads, self.prefill_threads)
-                   if self.engine.device.type == "cpu" else self.threads for part in parts]
+                   for part in parts]
         self.timings["prefill_passes"] += sum(n > self.threads for n in threads)
 
         def lane(k: int) -> torch.Tensor:

@@ -71,19 +71,10 @@ class EngineConfig:
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
         if self.kernels not in ("auto", "triton", "numba", "torch"):
             raise ValueError(f"kernels must be 'auto', 'triton', 'numba' or 'torch', got {self.kernels!r}")
-        if isinstance(self.padded_dispatch_tokens, bool) or not isinstance(self.padded_dispatch_tokens, int) or \
-                self.padded_dispatch_tokens < 0:
-            raise ValueError(f"padded_dispatch_tokens must be a non-negative integer, got "
-                             f"{self.padded_dispatch_tokens!r}")
-        if isinstance(self.prefill_threads, bool) or not isinstance(self.prefill_threads, int) or \
-                self.prefill_threads < 0:
-            raise ValueError(f"prefill_threads must be a non-negative integer (0: the cores the shard may use), got "
-                             f"{self.prefill_threads!r}")
+        for name in ("padded_dispatch_tokens", "prefill_threads", "redundant_experts"):
+            _non_negative_int(name, getattr(self, name))
         if self.micro_batches not in (0, 1, 2):
             raise ValueError(f"micro_batches must be 0 (by batch size), 1 or 2, got {self.micro_batches!r}")
-        if not isinstance(self.redundant_experts, int) or isinstance(self.redundant_experts, bool) \
-                or self.redundant_experts < 0:
-            raise ValueError(f"redundant_experts must be a non-negative integer, got {self.redundant_experts!r}")
         for name, low in (("eplb_interval_s", 0.0), ("eplb_window_s", None), ("eplb_threshold", 1.0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
@@ -120,3 +111,8 @@ def reject_unknown_keys(cls, d: dict[str, Any], what: str) -> None:
 def _positive_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _non_negative_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{name} must be a non-negative integer, got {value!r}")

@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import logging
-import os
 import random
 import time
 
@@ -17,6 +16,7 @@ import ray
 
 from latentmoe import LLM, SamplingParams
 from latentmoe.actors.cluster import has_role_nodes
+from latentmoe.cluster.shards import usable_cores
 from latentmoe.model.tiny import TINY_CONFIG, make_tiny
 from tests.actors.clusters import role_cluster
 
@@ -118,7 +118,7 @@ def test_cluster_equals_single_process(cluster, tiny_dir, prompts, expected, num
             assert all(t["lanes"] == 2 * t["num_steps"] for t in timings), timings
         # the shards run decode on their one Ray CPU's thread, and the passes of 128 tokens or more (the prompts of
         # 200 and 129) on every core they may use (EngineConfig.prefill_threads 0): the same tokens either way
-        cores = len(os.sched_getaffinity(0))
+        cores = usable_cores()
         assert [(st["threads"], st["prefill_threads"]) for st in stats] == [(1, cores)] * num_attention
         assert (sum(st["timings"]["prefill_passes"] for st in stats) > 0) == (cores > 1)
     finally:
