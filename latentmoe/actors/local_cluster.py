@@ -26,10 +26,9 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 
 from latentmoe.actors.placement import ATTENTION_RESOURCE, EXPERT_RESOURCE, role_node
-from latentmoe.cluster.communicator import free_port
 from latentmoe.paths import cache_root
 
 # Ray Serve's gRPC servers accept messages up to 2 GiB by default; a latentmoe cluster's processes get a 4 MiB limit
@@ -206,29 +205,56 @@ def _port_in_use(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-# Serve's direct ingress (HAProxy mode) gives each ingress replica a port of its node's range (Ray's defaults:
-# 30000-31000 HTTP, 40000-41000 gRPC), bound with SO_REUSEPORT. Two clusters on one machine with the same ranges
-# give their first replicas the same port, both bind it, and the kernel spreads the connections over both: one
-# cluster's HAProxy reaches the other's replicas. Each local cluster takes ranges of its own.
-DIRECT_INGRESS_RANGES = {"HTTP": 30000, "GRPC": 40000}  # the first port of the first slot of each
-DIRECT_INGRESS_SLOTS, DIRECT_INGRESS_SLOT_PORTS = 50, 100
+# The ports a local cluster binds after it starts are taken from ranges of its own below Linux's ephemeral range
+# (32768-60999), which ``bind(0)`` and every outgoing connection draw from: a free port picked when the cluster
+# starts was taken by the time Serve bound it, 20 s later ("Failed to bind to address [::]:36245"), and `latentmoe
+# serve` failed. Ray keeps 10002-19999 for its workers; ``free_port`` picks from 25000-29999. The ranges come in
+# slots: a cluster takes the first slot, from its GCS port's, whose ports nothing on this machine listens on now (so
+# a cluster started before it, serving, is passed by), and each of its nodes is started with ports from it:
+# - Serve's direct ingress (HAProxy mode) gives each ingress replica a port of its node's range (Ray's defaults:
+#   30000-31000 HTTP, 40000-41000 gRPC), bound with SO_REUSEPORT. Two clusters on one machine with the same ranges
+#   give their first replicas the same port, both bind it, and the kernel spreads the connections over both: one
+#   cluster's HAProxy reaches the other's replicas.
+# - its services: HAProxy's statistics and metrics pages, Serve's fallback proxy, the dashboard (when 8265 is
+#   taken), the head's metric exporters, and each node's dashboard agent and metrics exporter.
+PORT_SLOTS = 40
+DIRECT_INGRESS_RANGES = {"HTTP": 20000, "GRPC": 22000}  # the first port of the first slot of each
+DIRECT_INGRESS_SLOT_PORTS = 50
+SERVICE_PORTS_BASE, SERVICE_SLOT_PORTS = 24000, 25
 
 
-def direct_ingress_env(cluster_port: int, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
-    """``RAY_SERVE_DIRECT_INGRESS_{MIN,MAX}_{HTTP,GRPC}_PORT`` for a cluster: the first slot, from its GCS port's,
-    whose ports nothing on this machine listens on now (so a cluster started before it, serving, is passed by).
-    Settings in ``environ`` win."""
+def _slot_ranges(slot: int) -> dict[str, range]:
+    ranges = {kind: range(base + slot * DIRECT_INGRESS_SLOT_PORTS, base + (slot + 1) * DIRECT_INGRESS_SLOT_PORTS)
+              for kind, base in DIRECT_INGRESS_RANGES.items()}
+    start = SERVICE_PORTS_BASE + slot * SERVICE_SLOT_PORTS
+    return ranges | {"services": range(start, start + SERVICE_SLOT_PORTS)}
+
+
+def port_slot(cluster_port: int) -> int:
+    """The first slot, from ``cluster_port``'s, none of whose ports anything listens on."""
+    first = cluster_port % PORT_SLOTS
+    for slot in [(first + i) % PORT_SLOTS for i in range(PORT_SLOTS)]:
+        if not any(_port_in_use(p) for r in _slot_ranges(slot).values() for p in r):
+            return slot
+    raise RuntimeError(f"every one of the {PORT_SLOTS} local clusters' port ranges "
+                       f"({min(DIRECT_INGRESS_RANGES.values())}-{SERVICE_PORTS_BASE + PORT_SLOTS * SERVICE_SLOT_PORTS - 1}) "
+                       f"has a port in use: stop a local cluster, or set the ports in the environment")
+
+
+def direct_ingress_env(slot: int, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
+    """``RAY_SERVE_DIRECT_INGRESS_{MIN,MAX}_{HTTP,GRPC}_PORT`` of ``slot``; settings in ``environ`` win."""
     keys = [f"RAY_SERVE_DIRECT_INGRESS_{end}_{kind}_PORT" for kind in DIRECT_INGRESS_RANGES for end in ("MIN", "MAX")]
     if any(environ.get(k) for k in keys):
         return {k: environ[k] for k in keys if environ.get(k)}
-    first = cluster_port % DIRECT_INGRESS_SLOTS
-    for slot in [(first + i) % DIRECT_INGRESS_SLOTS for i in range(DIRECT_INGRESS_SLOTS)]:
-        starts = {kind: base + slot * DIRECT_INGRESS_SLOT_PORTS for kind, base in DIRECT_INGRESS_RANGES.items()}
-        if not any(_port_in_use(start + i) for start in starts.values() for i in range(DIRECT_INGRESS_SLOT_PORTS)):
-            break
-    return {k: str(v) for kind, start in starts.items() for k, v in (
-        (f"RAY_SERVE_DIRECT_INGRESS_MIN_{kind}_PORT", start),
-        (f"RAY_SERVE_DIRECT_INGRESS_MAX_{kind}_PORT", start + DIRECT_INGRESS_SLOT_PORTS - 1))}
+    return {k: str(v) for kind, r in _slot_ranges(slot).items() if kind in DIRECT_INGRESS_RANGES for k, v in (
+        (f"RAY_SERVE_DIRECT_INGRESS_MIN_{kind}_PORT", r.start), (f"RAY_SERVE_DIRECT_INGRESS_MAX_{kind}_PORT", r.stop - 1))}
+
+
+def service_ports(slot: int) -> Iterator[int]:
+    """``slot``'s service ports, in order, passing those something listens on."""
+    ports = (p for p in _slot_ranges(slot)["services"] if not _port_in_use(p))
+    yield from ports
+    raise RuntimeError(f"port slot {slot} has no service port left ({SERVICE_SLOT_PORTS}): start fewer nodes")
 
 
 def _start_node(args: list[str], env: dict[str, str], echo: Echo) -> int:
@@ -279,12 +305,14 @@ def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shar
     if _port_in_use(port):
         raise RuntimeError(f"port {port} is in use on this machine (another Ray cluster?): choose another with --port")
     env = ray_auth_env(auth_mode)
+    slot = port_slot(port)
+    ports = service_ports(slot)
     ray = _ray()
     common = ["--disable-usage-stats", "--node-ip-address=127.0.0.1"]
     head = [ray, "start", "--head", f"--port={port}", f"--num-cpus={head_cpus}", *common]
     dashboard_url = None
     if dashboard:
-        dashboard_port = 8265 if not _port_in_use(8265) else free_port()
+        dashboard_port = 8265 if not _port_in_use(8265) else next(ports)
         head += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
         dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     else:
@@ -293,30 +321,28 @@ def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shar
                            state_file=str(cache_root() / f"cluster-{port}.json") if record else None)
     # every node: Serve's processes (ingress replicas among them) read it; the ingress replicas take their ports
     # from the cluster's own ranges
-    serving = serve_env() | direct_ingress_env(port)
+    serving = serve_env() | direct_ingress_env(slot)
     node_env = {**env, **serving}
     # the head's dashboard and autoscaler export metrics on fixed ports (44227, 44217): a second cluster on the
-    # machine takes free ones instead, or its discovery file would list the first one's exporters
-    for key, default in (("DASHBOARD_METRIC_PORT", 44227), ("AUTOSCALER_METRIC_PORT", 44217)):
-        node_env[key] = os.environ.get(key) or str(default if not _port_in_use(default) else free_port())
-    # HAProxy's statistics and metrics pages on free ports: with Serve's fixed 8404 and 9101 a second cluster's
-    # HAProxy finds them taken by the first's and exits (free ones always: HAProxy binds them only once an
-    # application is deployed, so a port free when the cluster starts may be taken by then). The same for the proxy
-    # actor HAProxy falls back on (Serve's fixed 8500 and 9500): a second cluster's HAProxy would send its requests
-    # to the first one's fallback proxy
-    for key in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+    # machine would list the first one's exporters in its discovery file. HAProxy's statistics and metrics pages:
+    # with Serve's fixed 8404 and 9101 a second cluster's HAProxy finds them taken by the first's and exits. The
+    # proxy actor HAProxy falls back on (Serve's fixed 8500 and 9500): a second cluster's HAProxy would send its
+    # requests to the first one's fallback proxy. All from the cluster's own ports
+    for key in ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT",
+                "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
                 "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
-        node_env[key] = os.environ.get(key) or str(free_port())
+        node_env[key] = os.environ.get(key) or str(next(ports))
+    # every raylet on the machine needs its own agent and metrics ports
+    head += [f"--dashboard-agent-listen-port={next(ports)}", f"--metrics-export-port={next(ports)}"]
     cluster.nodes.append({"role": "head", "pgid": _start_node(head, node_env, echo)})
     roles = [ATTENTION_RESOURCE] * attention_nodes + [EXPERT_RESOURCE] * expert_nodes
     try:
         for role in roles:
             node = role_node(role, shards_per_node)
-            # every raylet on the machine needs its own agent and metrics ports
             args = [ray, "start", f"--address={cluster.address}", f"--num-cpus={cpus_per_node}",
                     f"--resources={json.dumps(node['resources'])}",
                     "--labels=" + ",".join(f"{k}={v}" for k, v in node["labels"].items()),
-                    f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}", *common]
+                    f"--dashboard-agent-listen-port={next(ports)}", f"--metrics-export-port={next(ports)}", *common]
             cluster.nodes.append({"role": role, "pgid": _start_node(args, {**env, **serving}, echo)})
     except BaseException:
         cluster.stop(echo)

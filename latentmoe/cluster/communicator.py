@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import random
 import selectors
 import socket
 import time
@@ -152,10 +153,30 @@ class Communicator(ABC):
     def close(self) -> None: ...
 
 
+# Ports picked now for something to listen on later (a rendezvous, a server a test or benchmark starts) come from
+# below Linux's ephemeral range (32768-60999), which bind(0) and every outgoing connection draw from: a port free
+# when picked was sometimes taken by the time its server bound it. Ray's workers take 10002-19999, the local
+# clusters' own ranges 20000-24999 (``latentmoe.actors.local_cluster``), Serve's direct ingress 30000 up.
+LISTEN_PORTS = range(25000, 30000)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
+    """A port of ``LISTEN_PORTS`` that nothing is bound to now and this process has not handed out before; each
+    process walks the range from a random place (two processes rarely meet)."""
+    start = random.randrange(len(LISTEN_PORTS))
+    for i in range(len(LISTEN_PORTS)):
+        port = LISTEN_PORTS[(start + i) % len(LISTEN_PORTS)]
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port left in {LISTEN_PORTS.start}-{LISTEN_PORTS.stop - 1}")
 
 
 def _row_numel(t: torch.Tensor) -> int:

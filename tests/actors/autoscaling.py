@@ -26,7 +26,7 @@ from pathlib import Path
 import ray
 
 from latentmoe.actors.local_cluster import (
-    LocalCluster, _port_in_use, _ray, _start_node, ray_auth_env,
+    LocalCluster, _port_in_use, _ray, _start_node, port_slot, ray_auth_env, service_ports,
 )
 from latentmoe.cluster.communicator import free_port
 
@@ -167,17 +167,17 @@ def start_autoscaling_cluster(node_types: dict[str, dict], *, head_resources: di
     auth = ray_auth_env()
     node_env = {**auth, "RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", **(env or {}),
                 MARKER: temp_dir}
-    # the head's dashboard and autoscaler export metrics on fixed ports: take free ones if another Ray has them
-    for key, default in (("DASHBOARD_METRIC_PORT", 44227), ("AUTOSCALER_METRIC_PORT", 44217)):
+    # the head's listeners and metric exporters default to fixed ports (8265, 10001, 52365, 44227, ...), which
+    # another Ray on the machine may hold: the cluster's own, below the ephemeral range, as local clusters take them
+    ports = service_ports(port_slot(port))
+    for key in ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT"):
         if key not in node_env:
-            node_env[key] = os.environ.get(key) or str(default if not _port_in_use(default) else free_port())
+            node_env[key] = os.environ.get(key) or str(next(ports))
     args = [_ray(), "start", "--head", f"--port={port}", f"--num-cpus={head_num_cpus}",
             f"--autoscaling-config={config_path}", f"--temp-dir={temp_dir}", "--include-dashboard=false",
             "--disable-usage-stats", "--node-ip-address=127.0.0.1",
-            # the head's listeners default to fixed ports (8265, 10001, 52365, ...): free ones, as another Ray
-            # on the machine may hold those
-            f"--dashboard-port={free_port()}", f"--ray-client-server-port={free_port()}",
-            f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
+            f"--dashboard-port={next(ports)}", f"--ray-client-server-port={next(ports)}",
+            f"--dashboard-agent-listen-port={next(ports)}", f"--metrics-export-port={next(ports)}"]
     if head_resources:
         args.append(f"--resources={json.dumps(head_resources)}")
     try:

@@ -49,24 +49,62 @@ def test_auth_env_respects_the_users_settings(tmp_path):
         ray_auth_env("tokens", environ={}, home=tmp_path)
 
 
-def test_direct_ingress_ranges_are_the_clusters_own():
+def _ephemeral_ports() -> range:
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    return range(low, high + 1)
+
+
+def test_local_cluster_ports_are_its_own():
     """Each cluster's ingress replicas take ports of ranges of its own (HAProxy mode binds them with SO_REUSEPORT:
-    a shared port is shared silently); a range something listens on is passed by; the user's settings win."""
+    a shared port is shared silently), and so do its services; all lie below the ephemeral range, where no
+    outgoing connection takes them before they are bound; a slot something listens on is passed by; the user's
+    settings win."""
     import socket
+
+    from latentmoe.actors.local_cluster import port_slot, service_ports
 
     def ranges(env):
         return [(int(env[f"RAY_SERVE_DIRECT_INGRESS_MIN_{k}_PORT"]), int(env[f"RAY_SERVE_DIRECT_INGRESS_MAX_{k}_PORT"]))
                 for k in ("HTTP", "GRPC")]
 
-    a, b = ranges(direct_ingress_env(6379, environ={})), ranges(direct_ingress_env(6380, environ={}))
-    for (lo, hi), (lo2, hi2) in zip(a, b):
-        assert lo < hi and lo2 < hi2 and (hi < lo2 or hi2 < lo), (a, b)  # disjoint
+    def services(slot):
+        ports = service_ports(slot)
+        return [next(ports) for _ in range(10)]
+
+    ephemeral = _ephemeral_ports()
+    slot_a, slot_b = port_slot(6379), port_slot(6380)
+    a, b = ranges(direct_ingress_env(slot_a, environ={})), ranges(direct_ingress_env(slot_b, environ={}))
+    sa, sb = services(slot_a), services(slot_b)
+    spans = [range(lo, hi + 1) for lo, hi in a + b] + [range(p, p + 1) for p in sa + sb]
+    taken = [p for span in spans for p in span]
+    assert len(taken) == len(set(taken)), (a, b, sa, sb)  # nothing shared
+    assert not any(p in ephemeral or 10002 <= p <= 19999 for p in taken)  # nor with Ray's workers
     assert all(hi < lo for (_, hi), (lo, _) in [(a[0], a[1]), (b[0], b[1])])  # HTTP below gRPC
-    with socket.create_server(("127.0.0.1", a[1][0] + 7)) as taken:  # something listens in the first choice
-        moved = ranges(direct_ingress_env(6379, environ={}))
-        assert moved != a and not moved[1][0] <= taken.getsockname()[1] <= moved[1][1], moved
+    with socket.create_server(("127.0.0.1", a[1][0] + 7)) as listening:  # something listens in the first choice
+        moved = port_slot(6379)
+        assert moved != slot_a
+        lo, hi = ranges(direct_ingress_env(moved, environ={}))[1]
+        assert not lo <= listening.getsockname()[1] <= hi
+    with socket.create_server(("127.0.0.1", sa[0])):
+        assert next(service_ports(slot_a)) == sa[1]  # a service port something listens on is passed by
     own = {"RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": "25000", "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": "25010"}
-    assert direct_ingress_env(6379, environ=own) == own
+    assert direct_ingress_env(slot_a, environ=own) == own
+
+
+def test_free_port_lies_below_the_ephemeral_range():
+    """What ``free_port`` picks for a server to bind later is outside the range every outgoing connection draws
+    from, never bound now, and never the same twice in a process."""
+    import socket
+
+    from latentmoe.cluster.communicator import free_port
+
+    picked = [free_port() for _ in range(50)]
+    assert len(set(picked)) == 50
+    ephemeral = _ephemeral_ports()
+    assert not any(p in ephemeral or 10002 <= p <= 19999 for p in picked), picked
+    for port in picked[:5]:
+        with socket.create_server(("127.0.0.1", port)):  # each could be bound
+            pass
 
 
 @pytest.mark.parametrize("attention, expert, want", [
