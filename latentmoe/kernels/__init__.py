@@ -49,9 +49,30 @@ def kernel_family(setting: str, device: torch.device | str) -> str:
     return setting
 
 
+def experts_by_columns(w13: torch.Tensor, w2: torch.Tensor) -> bool:
+    """Whether the experts' weights lie as the CPU kernel (``kernels.cpu``) reads them: each expert's matrices
+    stored by columns (``w13[e].t()`` and ``w2[e].t()`` contiguous), as ``lay_out_experts`` leaves them."""
+    return w13.transpose(1, 2).is_contiguous() and w2.transpose(1, 2).is_contiguous()
+
+
+def lay_out_experts(experts: torch.nn.Module, by_columns: bool) -> None:
+    """Store ``experts.w13`` and ``w2`` (``RoutedExperts``) by columns (the CPU kernel's layout) or by rows (the
+    others'), in place of the present storage; their shapes and values stay. A no-op where they already lie so,
+    or are not materialised."""
+    for name in ("w13", "w2"):
+        p = getattr(experts, name)
+        if p.device.type == "meta" or p.numel() == 0:
+            continue
+        if by_columns and not p.transpose(1, 2).is_contiguous():
+            p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
+        elif not by_columns and not p.is_contiguous():
+            p.data = p.data.contiguous()
+
+
 def set_kernels(model: torch.nn.Module, family: str) -> None:
     """Set every layer's MLA decode and routed-expert implementations for ``family`` (``kernel_family``'s answer),
-    and the dense projections' product (the CPU's: oneDNN on prepacked weights; the others: ``F.linear``).
+    and the dense projections' product (the CPU's: oneDNN on prepacked weights; the others: ``F.linear``); the
+    routed experts' weights are laid out for them (by columns for the CPU's, ``lay_out_experts``).
 
     The one place kernels are chosen (engines, attention and expert shards all call it). Layers whose
     parts are not materialised (an expert shard's attention) get them too; they are never called.
@@ -81,3 +102,4 @@ def set_kernels(model: torch.nn.Module, family: str) -> None:
         layer.self_attn.decode_impl = decode_impl
         if layer.is_moe:
             layer.mlp.experts.moe_impl = moe_impl
+            lay_out_experts(layer.mlp.experts, by_columns=family == "numba")

@@ -9,12 +9,14 @@ Triton kernel does on GPUs). Same contract as the reference.
 
 **Routed experts.** A decode step gives each expert a few rows (batch 16, top-4 of 16 experts: about 4), and a
 matmul of a few rows against an expert's weights is bound by reading the weights, which MKL's small-M path
-does at about a third of this core's bandwidth (measured: 148 us per 1 MB weight at 4 rows, 56 us here). So
-the experts with at most ``SMALL_EXPERT_ROWS`` rows run here, all in one call (gate/up, SiLU, down, each
-weight row read once for all of the expert's rows, four at a time); the others keep torch's matmuls, which
-are as fast from about 32 rows. The grouping of (token, expert) pairs and the weighted sum are Numba loops
-too: as a dozen small torch ops they took a third of a decode step's expert time. Same contract as
-``fused_moe_ref``.
+does at a fraction of this core's bandwidth. So the experts with at most ``SMALL_EXPERT_ROWS`` rows run here,
+all in one call (gate/up, SiLU, down), on weights stored by columns (``kernels.lay_out_experts``, which
+``set_kernels`` applies): each weight row is read once, in memory order, and added into the sums of every row
+of the expert (a contiguous, vectorized loop with no reduction across lanes). One expert of the bench
+checkpoint (1.5 MB) at 4 rows: 126 us, where dot products along the rows of the usual layout took 210 and
+the reference 294-314 (``benchmarks/bench_cpu_experts.py``). The other experts keep torch's matmuls. The
+grouping of (token, expert) pairs and the weighted sum are Numba loops too: as a dozen small torch ops they took
+a third of a decode step's expert time. Same contract as ``fused_moe_ref``.
 
 **Dense projections.** ``packed_linear`` is ``F.linear`` through PyTorch's oneDNN on a weight prepacked once
 (MKL's sgemm repacks it on every call); ``model.Linear`` takes it by injection.
@@ -39,6 +41,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from latentmoe.kernels import experts_by_columns
 from latentmoe.kernels.reference import fused_moe_ref, mla_decode_ref
 from latentmoe.paths import cache_root
 
@@ -154,10 +157,13 @@ def mla_decode_cpu(
     return out
 
 
-# experts with at most this many rows run in the Numba kernel. The whole routed-expert call at 16 experts of
-# hidden 512 / 256, top-4, one core (an ad hoc side-by-side): 8, 12, 16 rows per expert at most gave 3.92, 5.22 |
-# 3.79, 5.34 | 3.67, 5.34 ms at 32 | 64 tokens; the torch reference 4.08-4.63 and 5.26-5.60
-SMALL_EXPERT_ROWS = 16
+# Experts with at most this many rows run in the Numba kernel, in even chunks of at most ``CHUNK_ROWS`` rows (each
+# chunk reads the expert's weights once; more rows per pass cost more in writes to their sums than a second read
+# saves). ``benchmarks/bench_cpu_experts.py``, 8 experts of the bench checkpoint (1.5 MB each), one core, at 1, 4,
+# 6, 8, 12 rows each: 57, 126, 152, 249, 246 us per expert (the previous kernel, dot products along the weights'
+# rows: 142, 210, 223, 243, 321); from 16 rows torch's matmul on the same layout is as fast (373 against 390)
+SMALL_EXPERT_ROWS = 12
+CHUNK_ROWS = 6
 
 
 @njit(nogil=True, cache=True)
@@ -187,52 +193,47 @@ def _group_pairs(ids, num_experts):  # pragma: no cover (compiled)
 
 
 @njit(fastmath=True, nogil=True, cache=True)
-def _rows_times(rows, n, w, out):  # pragma: no cover (compiled)
-    """``out[i, o] = rows[i] . w[o]`` for the first ``n`` rows: four weight rows at a time, each read once for
-    all ``n`` rows (they stay in L1) with four sums in flight."""
-    width, depth = w.shape
-    blocked = width - width % 4
-    for o in range(0, blocked, 4):
-        w0, w1, w2, w3 = w[o], w[o + 1], w[o + 2], w[o + 3]
+def _times_columns(rows, n, wt, out):  # pragma: no cover (compiled)
+    """``out[i] = rows[i] @ wt`` for the first ``n`` rows, ``wt [depth, width]`` (a weight by columns): each row of
+    ``wt`` is read once, from memory in order, and added into every row's sums (contiguous: vectorized)."""
+    depth, width = wt.shape
+    for i in range(n):
+        for j in range(width):
+            out[i, j] = np.float32(0.0)
+    for k in range(depth):
+        wk = wt[k]
         for i in range(n):
-            x = rows[i]
-            a0 = a1 = a2 = a3 = np.float32(0.0)
-            for k in range(depth):
-                xk = x[k]
-                a0 += xk * w0[k]
-                a1 += xk * w1[k]
-                a2 += xk * w2[k]
-                a3 += xk * w3[k]
-            out[i, o], out[i, o + 1], out[i, o + 2], out[i, o + 3] = a0, a1, a2, a3
-    for o in range(blocked, width):
-        for i in range(n):
-            acc = np.float32(0.0)
-            for k in range(depth):
-                acc += rows[i, k] * w[o, k]
-            out[i, o] = acc
+            a = rows[i, k]
+            o = out[i]
+            for j in range(width):
+                o[j] += a * wk[j]
 
 
 @njit(fastmath=True, nogil=True, cache=True)
-def _small_experts(x, K, w13, w2, experts, starts, counts, pairs, ys):  # pragma: no cover (compiled)
+def _small_experts(x, K, w13t, w2t, experts, starts, counts, pairs, ys):  # pragma: no cover (compiled)
     """For each listed expert e, its pairs ``j`` in ``starts[e] : starts[e] + counts[e]`` (token
-    ``pairs[j] // K`` of ``x [T, D]``) -> ``ys[j]``: down(silu(gate(x)) * up(x)), w13 [E, 2I, D] (gate rows,
-    then up rows), w2 [E, D, I]."""
+    ``pairs[j] // K`` of ``x [T, D]``) -> ``ys[j]``: down(silu(gate(x)) * up(x)), in even chunks of at most
+    ``CHUNK_ROWS``; ``w13t [E, D, 2I]`` (gate columns, then up columns), ``w2t [E, I, D]``."""
     D = x.shape[1]
-    two_i = w13.shape[1]
+    two_i = w13t.shape[2]
     inter = two_i // 2
-    rows = np.empty((SMALL_EXPERT_ROWS, D), dtype=np.float32)
-    h = np.empty((SMALL_EXPERT_ROWS, two_i), dtype=np.float32)
-    act = np.empty((SMALL_EXPERT_ROWS, inter), dtype=np.float32)
+    rows = np.empty((CHUNK_ROWS, D), dtype=np.float32)
+    h = np.empty((CHUNK_ROWS, two_i), dtype=np.float32)
+    act = np.empty((CHUNK_ROWS, inter), dtype=np.float32)
     for e in experts:
         first, n = starts[e], counts[e]
-        for i in range(n):
-            rows[i] = x[pairs[first + i] // K]
-        _rows_times(rows, n, w13[e], h)
-        for i in range(n):
-            for j in range(inter):
-                g = h[i, j]
-                act[i, j] = g / (np.float32(1.0) + math.exp(-g)) * h[i, inter + j]
-        _rows_times(act, n, w2[e], ys[first : first + n])
+        chunks = (n + CHUNK_ROWS - 1) // CHUNK_ROWS
+        size = (n + chunks - 1) // chunks
+        for c in range(first, first + n, size):
+            m = min(size, first + n - c)
+            for i in range(m):
+                rows[i] = x[pairs[c + i] // K]
+            _times_columns(rows, m, w13t[e], h)
+            for i in range(m):
+                for j in range(inter):
+                    g = h[i, j]
+                    act[i, j] = g / (np.float32(1.0) + math.exp(-g)) * h[i, inter + j]
+            _times_columns(act, m, w2t[e], ys[c : c + m])
 
 
 @njit(nogil=True, cache=True)
@@ -257,14 +258,16 @@ def fused_moe_cpu(
     topk_weights: torch.Tensor,  # [T, K]
 ) -> torch.Tensor:  # [T, D]
     """``fused_moe_ref``'s contract: grouping, experts with few rows and the weighted sum in Numba, the other
-    experts with torch's matmuls (float32 on the CPU, one torch thread; anything else goes to the reference).
+    experts with torch's matmuls (float32 on the CPU, one torch thread, the weights by columns as
+    ``lay_out_experts`` leaves them; anything else goes to the reference).
 
     With more torch threads the reference runs: MKL threads each matmul, and the single-process engine with
     two threads here made 552 and 527 tok/s with this kernel against 616 and 607 with the reference (16
     prompts, 128 in / 64 out, the bench checkpoint; 875 / 900 against 960 / 989 at 64), the Numba MLA decode
-    in both. On one thread (a shard's) the kernel wins: 2.85 against 3.15-3.40 ms per layer at 16 tokens."""
+    in both. On one thread (a shard's) the kernel wins: an expert shard's 8 experts of the bench checkpoint at
+    16 tokens took 0.86 ms per layer, the reference 2.49 (``benchmarks/bench_cpu_experts.py``)."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or w13.dtype != torch.float32
-            or not (w13.is_contiguous() and w2.is_contiguous()) or torch.get_num_threads() > 1):
+            or not experts_by_columns(w13, w2) or torch.get_num_threads() > 1):
         return fused_moe_ref(x, w13, w2, topk_ids, topk_weights)
     T, D = x.shape
     E, two_i, _ = w13.shape
@@ -276,7 +279,8 @@ def fused_moe_cpu(
     ys = np.empty((len(pairs), D), dtype=np.float32)  # row j: the token of pairs[j] through its expert
     small = np.flatnonzero((counts > 0) & (counts <= SMALL_EXPERT_ROWS))
     if len(small):
-        _small_experts(x_np, K, w13.detach().numpy(), w2.detach().numpy(), small, starts, counts, pairs, ys)
+        _small_experts(x_np, K, w13.detach().transpose(1, 2).numpy(), w2.detach().transpose(1, 2).numpy(), small,
+                       starts, counts, pairs, ys)
     large = np.flatnonzero(counts > SMALL_EXPERT_ROWS)
     if len(large):
         xs, ys_t = x[torch.from_numpy(pairs) // K], torch.from_numpy(ys)  # [P, D]: every pair's row, in one gather
@@ -325,4 +329,5 @@ def warm_up() -> None:
     tables, lens = torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32)
     mla_decode_cpu(torch.zeros(1, 1, 2), torch.zeros(1, 1, 1), cache, tables, lens, 1.0)
     ids = torch.zeros(1, 1, dtype=torch.long)
-    fused_moe_cpu(torch.zeros(1, 2), torch.zeros(1, 2, 2), torch.zeros(1, 2, 1), ids, torch.ones(1, 1))
+    fused_moe_cpu(torch.zeros(1, 2), torch.zeros(1, 2, 2).transpose(1, 2), torch.zeros(1, 1, 2).transpose(1, 2), ids,
+                  torch.ones(1, 1))

@@ -89,17 +89,25 @@ def per_token(x, w13, w2, topk_ids, topk_weights):
     return out.float()
 
 
+def by_columns(w: torch.Tensor) -> torch.Tensor:
+    """``w [E, A, B]``, the same values, each expert's matrix stored by columns (``set_kernels``' CPU layout)."""
+    return w.transpose(1, 2).contiguous().transpose(1, 2)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("T,routing,sizes,dims", [
     (1, "random", "small", (64, 48)), (5, "random", "small", (64, 48)), (6, "skip_expert_1", "small", (64, 48)),
     (40, "random", "large", (64, 48)), (9, "one_expert", "large", (64, 48)), (12, "mixed", "both", (64, 48)),
     (3, "all_skipped", "none", (64, 48)),
-    (4, "one_expert", "small", (64, 48)),  # 16 rows on one expert: SMALL_EXPERT_ROWS, the kernel's scratch
-    (7, "random", "small", (30, 21)), (11, "mixed", "both", (30, 21)),  # widths past the blocks of four
+    (3, "one_expert", "small", (64, 48)),  # 12 rows on one expert: SMALL_EXPERT_ROWS, two chunks of CHUNK_ROWS
+    (3, "mixed", "small", (64, 48)),  # 9 rows on expert 0: uneven chunks (5 and 4)
+    (4, "one_expert", "large", (64, 48)),  # 16 rows on one expert: torch's matmul
+    (7, "random", "small", (30, 21)), (11, "mixed", "both", (30, 21)),  # widths not multiples of a vector
 ])
 def test_experts_match_each_token_on_its_own(T, routing, sizes, dims, threads):
     """Few rows per expert (the Numba kernel), many (torch's matmuls), and both in one call, on one thread (and on
-    two, where the reference runs)."""
+    two, where the reference runs), the weights by columns as the engines lay them out."""
+    from latentmoe.kernels import experts_by_columns
     from latentmoe.kernels.cpu import SMALL_EXPERT_ROWS, fused_moe_cpu
     from latentmoe.kernels.reference import fused_moe_ref
     from tests.kernels.test_fused_moe import make_inputs as moe_inputs
@@ -113,15 +121,29 @@ def test_experts_match_each_token_on_its_own(T, routing, sizes, dims, threads):
     small, large = bool(((counts > 0) & (counts <= SMALL_EXPERT_ROWS)).any()), bool((counts > SMALL_EXPERT_ROWS).any())
     assert (small, large) == {"small": (True, False), "large": (False, True), "both": (True, True),
                               "none": (False, False)}[sizes]
+    w13c, w2c = by_columns(w13), by_columns(w2)
+    assert experts_by_columns(w13c, w2c) and not experts_by_columns(w13, w2)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        out = fused_moe_cpu(x, w13, w2, topk_ids, topk_weights)
+        out = fused_moe_cpu(x, w13c, w2c, topk_ids, topk_weights)
     finally:
         torch.set_num_threads(previous)
     assert out.dtype == torch.float32 and out.shape == x.shape
     torch.testing.assert_close(out, per_token(x, w13, w2, topk_ids, topk_weights), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(out, fused_moe_ref(x, w13, w2, topk_ids, topk_weights), atol=1e-5, rtol=1e-5)
+
+
+def test_experts_by_rows_take_the_reference():
+    """Weights stored by rows (not laid out by ``set_kernels``) still give the right answer: the reference's."""
+    from latentmoe.kernels.cpu import fused_moe_cpu
+    from latentmoe.kernels.reference import fused_moe_ref
+    from tests.kernels.test_fused_moe import make_inputs as moe_inputs
+
+    x, w13, w2, topk_ids, topk_weights = moe_inputs(5, 4, 6, 64, 48, dtype=torch.float32, seed=2, device="cpu")
+    assert w13.is_contiguous() and w2.is_contiguous()
+    torch.testing.assert_close(fused_moe_cpu(x, w13, w2, topk_ids, topk_weights),
+                               fused_moe_ref(x, w13, w2, topk_ids, topk_weights))
 
 
 def test_experts_in_bf16_take_the_reference():
@@ -159,7 +181,7 @@ def test_packed_linear_matches_a_float64_product():
 def test_model_with_packed_linears_matches_transformers(tmp_path):
     """The whole model with the CPU kernels set, at widths where most projections take the packed product,
     against Hugging Face's DeepseekV2ForCausalLM on the same checkpoint."""
-    from latentmoe.kernels import set_kernels
+    from latentmoe.kernels import experts_by_columns, set_kernels
     from latentmoe.model import load_model
     from latentmoe.model.deepseek_v2 import Linear
     from tests.model.test_model import hf_logits, rel_err, small_config, write_checkpoint
@@ -168,7 +190,9 @@ def test_model_with_packed_linears_matches_transformers(tmp_path):
                        kv_lora_rank=256, num_attention_heads=2)
     path = write_checkpoint(tmp_path / "ckpt", cfg, seed=3)
     model = load_model(path)
+    experts = [layer.mlp.experts for layer in model.model.layers if layer.is_moe]
     set_kernels(model, "numba")
+    assert experts and all(experts_by_columns(e.w13, e.w2) for e in experts)  # the CPU kernel's layout
     linears = {name: m for name, m in model.named_modules() if isinstance(m, Linear)}
     packed = {name for name, m in linears.items() if m.impl is not None}
     assert {"lm_head", "model.layers.0.mlp.gate_proj", "model.layers.1.self_attn.kv_a_proj_with_mqa",
@@ -176,5 +200,7 @@ def test_model_with_packed_linears_matches_transformers(tmp_path):
     assert "model.layers.0.self_attn.o_proj" not in packed  # 256 x 20: below the size where packing pays
     input_ids = torch.randint(2, 512, (2, 11), generator=torch.Generator().manual_seed(1))
     assert rel_err(model(input_ids), hf_logits(path, input_ids)) < 1e-4
-    set_kernels(model, "torch")  # the references again: F.linear everywhere
+    set_kernels(model, "torch")  # the references again: F.linear everywhere, the experts by rows
     assert all(m.impl is None for m in linears.values())
+    assert all(e.w13.is_contiguous() and e.w2.is_contiguous() for e in experts)
+    assert rel_err(model(input_ids), hf_logits(path, input_ids)) < 1e-4
