@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -97,11 +98,11 @@ def main() -> None:
     p.add_argument("--out", default="results/bench_streaming.json")
     args = p.parse_args()
 
-    home = tempfile.mkdtemp(prefix="lm-stream-home-")
-    # its own HOME (Ray token, cluster record) and Ray temp dir (no other cluster on this machine is found)
+    home, ray_tmp = tempfile.mkdtemp(prefix="lm-stream-home-"), tempfile.mkdtemp(prefix="lmst", dir="/tmp")
+    # its own HOME (Ray token, cluster record) and Ray temp dir (no other cluster on this machine is found),
+    # removed afterwards
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")} | {
-        "HOME": home, "RAY_TMPDIR": tempfile.mkdtemp(prefix="lmst", dir="/tmp")} | \
-        dict(kv.split("=", 1) for kv in args.env)
+        "HOME": home, "RAY_TMPDIR": ray_tmp} | dict(kv.split("=", 1) for kv in args.env)
     command = None
     if args.src:
         src = Path(args.src).resolve()
@@ -123,6 +124,8 @@ def main() -> None:
         result["health"] = httpx.get(server.url + "/health", timeout=30).json()
     finally:
         server.stop()
+        for d in (home, ray_tmp):
+            shutil.rmtree(d, ignore_errors=True)
     result["best_tokens_per_s"] = max(r["tokens_per_s"] for r in result["rounds"]) if result["rounds"] else None
     result["loadavg_after"] = os.getloadavg()
     out = Path(args.out)

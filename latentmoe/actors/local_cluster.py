@@ -23,6 +23,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -49,6 +50,12 @@ GRPC_MAX_MESSAGE_BYTES = 4 << 20
 SERVE_ENV = {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(GRPC_MAX_MESSAGE_BYTES),
              "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(GRPC_MAX_MESSAGE_BYTES),
              "RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5"}
+
+
+# where Serve's HAProxy keeps its files, under a directory of the cluster's own (``start_local_cluster``)
+HAPROXY_FILES = {"RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": "haproxy.cfg", "RAY_SERVE_HAPROXY_SOCKET_PATH": "admin.sock",
+                 "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": "", "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": "server-state",
+                 "RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH": "metrics.sock"}
 
 
 def serve_env(environ: Mapping[str, str] = os.environ) -> dict[str, str]:
@@ -114,6 +121,7 @@ class LocalCluster:
     nodes: list[dict] = field(default_factory=list)  # {"role", "pgid"} per node, head first
     dashboard_url: str | None = None
     state_file: str | None = None
+    files_dir: str | None = None  # what the cluster's processes write outside Ray's session directory
 
     def alive(self) -> bool:
         return bool(self.nodes) and bool(_ray_pids(self.nodes[0]["pgid"]))
@@ -135,6 +143,8 @@ class LocalCluster:
                 break
         if self.state_file:
             Path(self.state_file).unlink(missing_ok=True)
+        if self.files_dir:
+            shutil.rmtree(self.files_dir, ignore_errors=True)
         _forget_ray_address(self.address)
         echo(f"stopped the Ray cluster at {self.address} ({len(self.nodes)} nodes)")
 
@@ -317,11 +327,18 @@ def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shar
         dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     else:
         head += ["--include-dashboard=false"]
+    # Serve's HAProxy keeps its configuration, sockets and server state under /tmp/haproxy-serve/<node id> unless
+    # told otherwise, and nothing removes them: a directory of the cluster's own instead, removed by ``stop()``
+    # (short: its unix sockets' paths must fit in 108 bytes)
+    files_dir = tempfile.mkdtemp(prefix="latentmoe-")
     cluster = LocalCluster(address=f"127.0.0.1:{port}", env=env, dashboard_url=dashboard_url,
-                           state_file=str(cache_root() / f"cluster-{port}.json") if record else None)
+                           state_file=str(cache_root() / f"cluster-{port}.json") if record else None,
+                           files_dir=files_dir)
     # every node: Serve's processes (ingress replicas among them) read it; the ingress replicas take their ports
     # from the cluster's own ranges
-    serving = serve_env() | direct_ingress_env(slot)
+    serving = serve_env() | direct_ingress_env(slot) | {
+        k: os.environ.get(k) or (os.path.join(files_dir, name) if name else files_dir)
+        for k, name in HAPROXY_FILES.items()}
     node_env = {**env, **serving}
     # the head's dashboard and autoscaler export metrics on fixed ports (44227, 44217): a second cluster on the
     # machine would list the first one's exporters in its discovery file. HAProxy's statistics and metrics pages:
@@ -334,9 +351,9 @@ def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shar
         node_env[key] = os.environ.get(key) or str(next(ports))
     # every raylet on the machine needs its own agent and metrics ports
     head += [f"--dashboard-agent-listen-port={next(ports)}", f"--metrics-export-port={next(ports)}"]
-    cluster.nodes.append({"role": "head", "pgid": _start_node(head, node_env, echo)})
     roles = [ATTENTION_RESOURCE] * attention_nodes + [EXPERT_RESOURCE] * expert_nodes
     try:
+        cluster.nodes.append({"role": "head", "pgid": _start_node(head, node_env, echo)})
         for role in roles:
             node = role_node(role, shards_per_node)
             args = [ray, "start", f"--address={cluster.address}", f"--num-cpus={cpus_per_node}",

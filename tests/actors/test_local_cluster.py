@@ -152,8 +152,12 @@ def test_serve_with_and_without_a_token_file(tmp_path, tiny_dir, greedy_text, to
         ok = httpx.get(dashboard + "/api/version", timeout=10,
                        headers={"Authorization": f"Bearer {token.read_text().strip()}"})
         assert ok.status_code == 200, ok.text
+        # HAProxy's configuration and sockets in a directory of the cluster's own, not /tmp/haproxy-serve
+        files = Path(state["files_dir"])
+        assert list(files.glob("*/haproxy.cfg")) and list(files.glob("*/admin.sock")), sorted(files.rglob("*"))
     finally:
         server.stop()
+    assert not files.exists()  # removed with the cluster
 
 
 def test_two_servers_side_by_side(tmp_path, tiny_dir, greedy_text):
