@@ -13,6 +13,7 @@ caller planned. Rows a rank keeps for itself never leave it and are not counted.
 
 from __future__ import annotations
 
+import collections
 import datetime
 import os
 import random
@@ -158,23 +159,25 @@ class Communicator(ABC):
 # when picked was sometimes taken by the time its server bound it. Ray's workers take 10002-19999, the local
 # clusters' own ranges 20000-24999 (``latentmoe.actors.local_cluster``), Serve's direct ingress 30000 up.
 LISTEN_PORTS = range(25000, 30000)
-_handed_out: set[int] = set()
+_handed_out: collections.deque[int] = collections.deque(maxlen=1024)  # the latest, not handed out again
 
 
 def free_port() -> int:
-    """A port of ``LISTEN_PORTS`` that nothing is bound to now and this process has not handed out before; each
-    process walks the range from a random place (two processes rarely meet)."""
+    """A port of ``LISTEN_PORTS`` that nothing is bound to now and that is not among the last 1024 this process
+    handed out (a caller binds it later); each process walks the range from a random place (two processes rarely
+    meet)."""
     start = random.randrange(len(LISTEN_PORTS))
+    recent = set(_handed_out)
     for i in range(len(LISTEN_PORTS)):
         port = LISTEN_PORTS[(start + i) % len(LISTEN_PORTS)]
-        if port in _handed_out:
+        if port in recent:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             try:
                 s.bind(("", port))
             except OSError:
                 continue
-        _handed_out.add(port)
+        _handed_out.append(port)
         return port
     raise RuntimeError(f"no free port left in {LISTEN_PORTS.start}-{LISTEN_PORTS.stop - 1}")
 

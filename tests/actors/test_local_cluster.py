@@ -93,7 +93,8 @@ def test_local_cluster_ports_are_its_own():
 
 def test_free_port_lies_below_the_ephemeral_range():
     """What ``free_port`` picks for a server to bind later is outside the range every outgoing connection draws
-    from, never bound now, and never the same twice in a process."""
+    from, not bound now, and not one of the process's recent picks; a long-lived process (a coordinator forming
+    its group again and again) never runs out."""
     import socket
 
     from latentmoe.cluster.communicator import free_port
@@ -105,6 +106,8 @@ def test_free_port_lies_below_the_ephemeral_range():
     for port in picked[:5]:
         with socket.create_server(("127.0.0.1", port)):  # each could be bound
             pass
+    many = [free_port() for _ in range(6000)]  # more than the range holds
+    assert all(len(set(many[i : i + 1000])) == 1000 for i in range(0, 6000, 1000))
 
 
 @pytest.mark.parametrize("attention, expert, want", [
