@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 
 import torch
@@ -18,6 +20,7 @@ from latentmoe.actors.local_cluster import ray_auth_env, use_ray_auth  # noqa: E
 # Every Ray cluster of the suite runs as latentmoe's local clusters do: with token authentication, on a token
 # of the suite's own (never the user's ~/.ray/auth_token), set before any test starts a node or a client.
 _AUTH_DIR = tempfile.mkdtemp(prefix="latentmoe-test-ray-auth-")
+atexit.register(shutil.rmtree, _AUTH_DIR, True)  # the token goes with the run
 use_ray_auth(ray_auth_env("token", environ={"RAY_AUTH_TOKEN_PATH": os.path.join(_AUTH_DIR, "auth_token")}))
 
 from latentmoe.model.tiny import make_tiny  # noqa: E402
