@@ -246,9 +246,9 @@ def port_slot(cluster_port: int) -> int:
     for slot in [(first + i) % PORT_SLOTS for i in range(PORT_SLOTS)]:
         if not any(_port_in_use(p) for r in _slot_ranges(slot).values() for p in r):
             return slot
-    raise RuntimeError(f"every one of the {PORT_SLOTS} local clusters' port ranges "
-                       f"({min(DIRECT_INGRESS_RANGES.values())}-{SERVICE_PORTS_BASE + PORT_SLOTS * SERVICE_SLOT_PORTS - 1}) "
-                       f"has a port in use: stop a local cluster, or set the ports in the environment")
+    low, high = min(DIRECT_INGRESS_RANGES.values()), SERVICE_PORTS_BASE + PORT_SLOTS * SERVICE_SLOT_PORTS - 1
+    raise RuntimeError(f"every one of the {PORT_SLOTS} local clusters' port ranges ({low}-{high}) has a port in use: "
+                       f"stop a local cluster, or set the ports in the environment")
 
 
 def direct_ingress_env(slot: int, environ: Mapping[str, str] = os.environ) -> dict[str, str]:
@@ -256,14 +256,15 @@ def direct_ingress_env(slot: int, environ: Mapping[str, str] = os.environ) -> di
     keys = [f"RAY_SERVE_DIRECT_INGRESS_{end}_{kind}_PORT" for kind in DIRECT_INGRESS_RANGES for end in ("MIN", "MAX")]
     if any(environ.get(k) for k in keys):
         return {k: environ[k] for k in keys if environ.get(k)}
-    return {k: str(v) for kind, r in _slot_ranges(slot).items() if kind in DIRECT_INGRESS_RANGES for k, v in (
-        (f"RAY_SERVE_DIRECT_INGRESS_MIN_{kind}_PORT", r.start), (f"RAY_SERVE_DIRECT_INGRESS_MAX_{kind}_PORT", r.stop - 1))}
+    ranges = _slot_ranges(slot)
+    return {k: str(v) for kind in DIRECT_INGRESS_RANGES for k, v in (
+        (f"RAY_SERVE_DIRECT_INGRESS_MIN_{kind}_PORT", ranges[kind].start),
+        (f"RAY_SERVE_DIRECT_INGRESS_MAX_{kind}_PORT", ranges[kind].stop - 1))}
 
 
 def service_ports(slot: int) -> Iterator[int]:
     """``slot``'s service ports, in order, passing those something listens on."""
-    ports = (p for p in _slot_ranges(slot)["services"] if not _port_in_use(p))
-    yield from ports
+    yield from (p for p in _slot_ranges(slot)["services"] if not _port_in_use(p))
     raise RuntimeError(f"port slot {slot} has no service port left ({SERVICE_SLOT_PORTS}): start fewer nodes")
 
 
@@ -327,6 +328,16 @@ def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shar
         dashboard_url = f"http://127.0.0.1:{dashboard_port}"
     else:
         head += ["--include-dashboard=false"]
+    # the head's dashboard and autoscaler export metrics on fixed ports (44227, 44217): a second cluster on the
+    # machine would list the first one's exporters in its discovery file. HAProxy's statistics and metrics pages:
+    # with Serve's fixed 8404 and 9101 a second cluster's HAProxy finds them taken by the first's and exits. The
+    # proxy actor HAProxy falls back on (Serve's fixed 8500 and 9500): a second cluster's HAProxy would send its
+    # requests to the first one's fallback proxy. All from the cluster's own ports
+    head_ports = {key: os.environ.get(key) or str(next(ports)) for key in (
+        "DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
+        "RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")}
+    # every raylet on the machine needs its own agent and metrics ports
+    head += [f"--dashboard-agent-listen-port={next(ports)}", f"--metrics-export-port={next(ports)}"]
     # Serve's HAProxy keeps its configuration, sockets and server state under /tmp/haproxy-serve/<node id> unless
     # told otherwise, and nothing removes them: a directory of the cluster's own instead, removed by ``stop()``
     # (short: its unix sockets' paths must fit in 108 bytes)
@@ -339,18 +350,7 @@ def start_local_cluster(attention_nodes: int = 1, expert_nodes: int = 2, *, shar
     serving = serve_env() | direct_ingress_env(slot) | {
         k: os.environ.get(k) or (os.path.join(files_dir, name) if name else files_dir)
         for k, name in HAPROXY_FILES.items()}
-    node_env = {**env, **serving}
-    # the head's dashboard and autoscaler export metrics on fixed ports (44227, 44217): a second cluster on the
-    # machine would list the first one's exporters in its discovery file. HAProxy's statistics and metrics pages:
-    # with Serve's fixed 8404 and 9101 a second cluster's HAProxy finds them taken by the first's and exits. The
-    # proxy actor HAProxy falls back on (Serve's fixed 8500 and 9500): a second cluster's HAProxy would send its
-    # requests to the first one's fallback proxy. All from the cluster's own ports
-    for key in ("DASHBOARD_METRIC_PORT", "AUTOSCALER_METRIC_PORT",
-                "RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
-                "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"):
-        node_env[key] = os.environ.get(key) or str(next(ports))
-    # every raylet on the machine needs its own agent and metrics ports
-    head += [f"--dashboard-agent-listen-port={next(ports)}", f"--metrics-export-port={next(ports)}"]
+    node_env = {**env, **serving, **head_ports}
     roles = [ATTENTION_RESOURCE] * attention_nodes + [EXPERT_RESOURCE] * expert_nodes
     try:
         cluster.nodes.append({"role": "head", "pgid": _start_node(head, node_env, echo)})

@@ -49,10 +49,14 @@ def kernel_family(setting: str, device: torch.device | str) -> str:
     return setting
 
 
+def _by_columns(w: torch.Tensor) -> bool:
+    return w.transpose(1, 2).is_contiguous()
+
+
 def experts_by_columns(w13: torch.Tensor, w2: torch.Tensor) -> bool:
     """Whether the experts' weights lie as the CPU kernel (``kernels.cpu``) reads them: each expert's matrices
     stored by columns (``w13[e].t()`` and ``w2[e].t()`` contiguous), as ``lay_out_experts`` leaves them."""
-    return w13.transpose(1, 2).is_contiguous() and w2.transpose(1, 2).is_contiguous()
+    return _by_columns(w13) and _by_columns(w2)
 
 
 def lay_out_experts(experts: torch.nn.Module, by_columns: bool) -> None:
@@ -63,7 +67,7 @@ def lay_out_experts(experts: torch.nn.Module, by_columns: bool) -> None:
         p = getattr(experts, name)
         if p.device.type == "meta" or p.numel() == 0:
             continue
-        if by_columns and not p.transpose(1, 2).is_contiguous():
+        if by_columns and not _by_columns(p):
             p.data = p.data.transpose(1, 2).contiguous().transpose(1, 2)
         elif not by_columns and not p.is_contiguous():
             p.data = p.data.contiguous()

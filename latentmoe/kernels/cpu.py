@@ -264,8 +264,9 @@ def fused_moe_cpu(
     With more torch threads the reference runs: MKL threads each matmul, and the single-process engine with
     two threads here made 552 and 527 tok/s with the kernel (its version on rows, before the layout by columns;
     not measured since) against 616 and 607 with the reference (16 prompts, 128 in / 64 out, the bench
-    checkpoint; 875 / 900 against 960 / 989 at 64), the Numba MLA decode in both. On one thread (a shard's) the kernel wins: an expert shard's 8 experts of the bench checkpoint at
-    16 tokens took 0.86 ms per layer, the reference 2.49 (``benchmarks/bench_cpu_experts.py``)."""
+    checkpoint; 875 / 900 against 960 / 989 at 64), the Numba MLA decode in both. On one thread (a shard's) the
+    kernel wins: an expert shard's 8 experts of the bench checkpoint at 16 tokens took 0.86 ms per layer, the
+    reference 2.49 (``benchmarks/bench_cpu_experts.py``)."""
     if (x.device.type != "cpu" or x.dtype != torch.float32 or w13.dtype != torch.float32
             or not experts_by_columns(w13, w2) or torch.get_num_threads() > 1):
         return fused_moe_ref(x, w13, w2, topk_ids, topk_weights)
